@@ -1,0 +1,168 @@
+"""S2FTConfig: which heads and channels to train, and how many."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .peft_type import S2FTPeftType
+
+SELECTION_STRATEGIES = ("random", "weight_large", "weight_small")
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class S2FTConfig(PeftConfig):
+    """Configuration of an S2FT adapter.
+
+    The default is the paper's recipe: random heads and channels, about 1% of the model's parameters
+    trainable, half on attention (output-projection columns of whole heads) and half on the FFN
+    (down-projection columns of channels), the same number in every adapted layer.
+    """
+
+    trainable_ratio: float = field(
+        default=0.01,
+        metadata={
+            "help": "Fraction of the model's parameters to train, used for every module kind whose count or "
+            "ratio below is left unset. Split between attention and FFN by `attention_share`."
+        },
+    )
+    attention_share: float = field(
+        default=0.5,
+        metadata={"help": "Share of `trainable_ratio` spent on attention heads; the rest goes to FFN channels."},
+    )
+    heads_per_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of attention heads trained per adapted layer (uniform allocation) or in total "
+            "(global allocation). 0 trains no attention. Overrides the budget for attention."
+        },
+    )
+    head_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction in (0, 1] of the attention heads to train. Overrides the budget for attention."},
+    )
+    channels_per_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of FFN channels trained per adapted layer (uniform allocation) or in total "
+            "(global allocation). 0 trains no FFN. Overrides the budget for the FFN."
+        },
+    )
+    channel_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction in (0, 1] of the FFN channels to train. Overrides the budget for the FFN."},
+    )
+    selection: Literal["random", "weight_large", "weight_small"] = field(
+        default="random",
+        metadata={
+            "help": "How heads and channels are chosen: 'random' (seeded, the paper's default S2FT-R), "
+            "'weight_large' / 'weight_small' (largest / smallest norm of their output- or down-projection "
+            "columns, S2FT-W)."
+        },
+    )
+    allocation: Literal["uniform", "global"] = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform': the same number of heads and channels in every adapted layer (the paper). "
+            "'global': the budget is chosen over all layers at once, so per-layer counts vary (the official code)."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the selection. It does not touch torch's global random state."},
+    )
+    train_v: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the value-projection rows of the K/V groups of the selected heads. Adds "
+            "parameters beyond the budget, and saves the full attention input for backward."
+        },
+    )
+    train_up: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the up-projection rows of the selected channels. Adds parameters beyond the "
+            "budget, and saves the full FFN input for backward."
+        },
+    )
+    permute: bool = field(
+        default=False,
+        metadata={
+            "help": "Physically co-permute the coupled weights so the selected block is contiguous and train it "
+            "merged into the weight (one dense matmul, as in the paper). The state dict still shows the original "
+            "order and values. One adapter per model in this mode. Default False: the selection is applied as "
+            "index maps and the base weights are never touched."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as a zero delta (the model is unchanged). False: a small random "
+            "non-zero delta, for tests that need to see the adapter act."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in automatically from the model's structure (output and down projections, plus value "
+            "and up projections when trained). Only modules that are part of a discovered attention/FFN pair "
+            "can be targeted."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names or a regex of modules not to adapt."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Indices of the decoder layers to adapt. All of them when unset."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the layer list (e.g. 'layers'), used with `layers_to_transform`."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules apart from the adapter layers that are fully trained and saved (e.g. a classifier)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = S2FTPeftType.S2FT
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"S2FTConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not 0 < self.trainable_ratio <= 1:
+            fail("trainable_ratio", "must be in (0, 1], e.g. 0.01 for 1% of the parameters.")
+        if not 0 <= self.attention_share <= 1:
+            fail("attention_share", "must be in [0, 1] (0 = FFN only, 1 = attention only).")
+        for name in ("head_ratio", "channel_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                fail(name, "must be in (0, 1]; use the *_per_layer count field to train none.")
+        for name in ("heads_per_layer", "channels_per_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                fail(name, "must be a non-negative integer count.")
+        if self.heads_per_layer is not None and self.head_ratio is not None:
+            fail("head_ratio", "set either heads_per_layer or head_ratio, not both.")
+        if self.channels_per_layer is not None and self.channel_ratio is not None:
+            fail("channel_ratio", "set either channels_per_layer or channel_ratio, not both.")
+        if self.heads_per_layer == 0 and self.channels_per_layer == 0:
+            fail("channels_per_layer", "heads_per_layer and channels_per_layer are both 0: nothing to train.")
+        if self.selection not in SELECTION_STRATEGIES:
+            fail("selection", f"unknown strategy; choose one of {', '.join(SELECTION_STRATEGIES)}.")
+        if self.allocation not in ALLOCATIONS:
+            fail("allocation", f"unknown allocation; choose one of {', '.join(ALLOCATIONS)}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            fail("layers_pattern", "only has an effect together with layers_to_transform.")
