@@ -57,16 +57,13 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' must be a non-empty 1-D range in [0, {limit}).")
         if len(torch.unique(indices)) != len(indices):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' contain duplicates.")
-        factory = {"device": weight.device if weight.device.type != "meta" else "cpu", "dtype": torch.float32}
         shape = self.delta_shape(len(indices))
-        if init_weights:
-            delta = torch.zeros(shape, **factory)
-        else:
-            delta = torch.randn(shape, **factory) * 0.1
-        if weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            delta = delta.to(weight.dtype)
-        self.s2ft_delta[adapter_name] = nn.Parameter(delta.to(weight.device) if weight.device.type != "meta" else delta)
-        self.s2ft_indices[adapter_name] = indices.to(factory["device"])
+        # Adapters follow the base weight's dtype; PEFT upcasts half precision later unless told not to.
+        delta = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        if not init_weights:
+            delta.normal_(std=0.1)
+        self.s2ft_delta[adapter_name] = nn.Parameter(delta)
+        self.s2ft_indices[adapter_name] = indices.to(weight.device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
@@ -76,8 +73,8 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         self.s2ft_delta[adapter_name] = nn.Parameter(
             torch.zeros(shape, dtype=param.dtype, device=param.device), requires_grad=param.requires_grad
         )
-        self.s2ft_indices[adapter_name] = torch.as_tensor(indices, dtype=torch.long, device=param.device
-                                                          if param.device.type != "meta" else "cpu")
+        self.s2ft_indices[adapter_name] = torch.as_tensor(indices, dtype=torch.long,
+                                                          device=self.get_base_layer().weight.device)
 
     def _dim(self) -> int:
         return 1 if self.axis == COLUMNS else 0

@@ -80,7 +80,6 @@ def attach(parent: nn.Module, child_name: str, adapter_name: str, indices: torch
         target.update_layer(adapter_name, indices, init_weights)
         return target
     layer = S2FTLayer(target, adapter_name, axis, indices, init_weights)
-    layer.to(target.weight.device)
     setattr(parent, child_name, layer)
     return layer
 

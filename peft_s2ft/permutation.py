@@ -9,6 +9,7 @@ values, so `get_base_model_state_dict` / `set_base_model_state_dict` behave as i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -96,8 +97,9 @@ class _Permuted:
     def install(self) -> None:
         self.permute()
         self.handles = [
-            self.linear.register_state_dict_post_hook(self.present_original),
-            self.linear.register_load_state_dict_pre_hook(self.accept_original),
+            # torch tags hook objects with attributes, which bound methods refuse: wrap them in partials.
+            self.linear.register_state_dict_post_hook(partial(_Permuted.present_original, self)),
+            self.linear.register_load_state_dict_pre_hook(partial(_Permuted.accept_original, self)),
         ]
 
     def uninstall(self) -> None:
