@@ -52,7 +52,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
                      inference_mode: bool = False) -> None:
         weight = self.get_base_layer().weight
         limit = self.in_features if self.axis == COLUMNS else self.out_features
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long).clone()  # own storage, not a slice of one
         if indices.ndim != 1 or len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= limit:
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' must be a non-empty 1-D range in [0, {limit}).")
         if len(torch.unique(indices)) != len(indices):

@@ -1,0 +1,49 @@
+"""Results as records: ratios to the lower bound, a printed table and a JSON file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+# Fields that get a "<field>_ratio" (value / the limit's value measured in the same run and shape).
+RATIO_FIELDS = ("step_time_s", "saved_bytes", "peak_mem_bytes", "flops")
+GROUP_FIELDS = ("model", "batch", "seq_len", "dtype", "device")
+MIB = 2**20
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Add ratios to the `limit` record of the same group; None where there is no limit or it is zero."""
+    limits = {tuple(r[f] for f in GROUP_FIELDS): r for r in records if r["method"] == "limit"}
+    for record in records:
+        limit = limits.get(tuple(record[f] for f in GROUP_FIELDS))
+        for field in RATIO_FIELDS:
+            base = limit[field] if limit else None
+            record[f"{field}_ratio"] = record[field] / base if base else None
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(records: Iterable[dict]) -> str:
+    """A Markdown table, one row per record, ratios to limit next to absolute figures."""
+    header = (
+        "| model | batch x seq | method | trainable | step s | step/limit | saved MiB | saved/limit "
+        "| peak MiB | peak/limit | GFLOP | FLOP/limit | adapter MB |"
+    )
+    rows = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for r in records:
+        rows.append(
+            f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['method']} | {r['trainable_params']:,} "
+            f"| {r['step_time_s']:.2f} | {_ratio(r['step_time_s_ratio'])} "
+            f"| {r['saved_bytes'] / MIB:.0f} | {_ratio(r['saved_bytes_ratio'])} "
+            f"| {r['peak_mem_bytes'] / MIB:.0f} | {_ratio(r['peak_mem_bytes_ratio'])} "
+            f"| {r['flops'] / 1e9:.0f} | {_ratio(r['flops_ratio'])} | {r['adapter_bytes'] / 1e6:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def write_json(records: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(records, indent=2) + "\n")
