@@ -37,7 +37,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         self.s2ft_original_block = BufferDict({}, persistent=False)
         self.block_range: tuple[int, int] | None = None
         self.permutation = None  # set by permutation.py when this layer owns a co-permutation
-        self._synced_version: int | None = None
+        self._block_synced = False  # permute mode: the block holds original + delta
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -136,32 +136,33 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start).copy_(
             self.s2ft_original_block[name]
         )
-        self._synced_version = None
+        self._block_synced = False
 
     def _sync_block(self, name: str) -> None:
-        """Write original + delta into the block when the delta changed since the last write."""
-        delta = self.s2ft_delta[name]
-        version = (id(delta), delta._version)  # a loaded checkpoint may swap in a new Parameter object
-        if self._synced_version == version:
-            return
+        """Write original + delta into the block.
+
+        Done on every forward: optimizers' foreach kernels do not bump a parameter's version counter, so
+        there is no reliable way to tell whether the delta moved. The copy is |block| elements, tiny next
+        to the matmul that follows.
+        """
         start, stop = self.block_range
         block = self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start)
-        torch.add(self.s2ft_original_block[name], delta.detach().to(block.dtype), out=block)
-        self._synced_version = version
+        torch.add(self.s2ft_original_block[name], self.s2ft_delta[name].detach().to(block.dtype), out=block)
+        self._block_synced = True
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            if self.block_range is not None and self._synced_version is not None:
+            if self.block_range is not None and self._block_synced:
                 self.restore_block()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if not active:
-            if self.block_range is not None and self._synced_version is not None:
+            if self.block_range is not None and self._block_synced:
                 self.restore_block()
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()

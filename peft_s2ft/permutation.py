@@ -88,7 +88,7 @@ class _Permuted:
                 start, stop = self.owner.block_range
                 (name,) = self.owner.s2ft_original_block.keys()
                 self.owner.s2ft_original_block[name] = weight.narrow(self.dim, start, stop - start).clone()
-                self.owner._synced_version = None
+                self.owner._block_synced = False
             state_dict[weight_key] = weight
         if self.dim == 0 and state_dict.get(prefix + "bias") is not None:
             bias = state_dict[prefix + "bias"]
@@ -128,7 +128,7 @@ def _enter_block(layer: S2FTLayer, adapter_name: str, order: torch.Tensor) -> No
     layer.block_range = (0, count)
     weight = layer.get_base_layer().weight.data
     layer.s2ft_original_block[adapter_name] = weight.narrow(dim, 0, count).clone()
-    layer._synced_version = None
+    layer._block_synced = False
 
 
 def permute_model(model: nn.Module, adapter_name: str) -> None:
@@ -188,6 +188,6 @@ def unpermute_model(model: nn.Module) -> None:
         layer.permutation = None
     for layer in layers:
         layer.block_range = None
-        layer._synced_version = None
+        layer._block_synced = False
         for name in list(layer.s2ft_original_block.keys()):
             del layer.s2ft_original_block[name]
