@@ -27,7 +27,17 @@ class AdapterMismatchError(ValueError):
 
 def refuse_module_like_adapter_names(peft_config: dict) -> None:
     """Adapter names equal to a module path segment silently truncate saved checkpoints (PEFT #3584)."""
-    reserved = {"model", "layers", "self_attn", "mlp", "base_layer", *ATTENTION_NAMES, *FFN_NAMES, DELTA, INDICES}
+    reserved = {
+        "model",
+        "layers",
+        "self_attn",
+        "mlp",
+        "base_layer",
+        *ATTENTION_NAMES,
+        *FFN_NAMES,
+        DELTA,
+        INDICES,
+    }
     for name in peft_config:
         if name in reserved:
             raise ValueError(
@@ -93,8 +103,9 @@ def _check(root: nn.Module, entries: dict[str, dict[str, torch.Tensor]]) -> dict
     return axes
 
 
-def conform_model_to_checkpoint(model: nn.Module, config: S2FTConfig, adapter_name: str,
-                                state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def conform_model_to_checkpoint(
+    model: nn.Module, config: S2FTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Make `adapter_name`'s layers train exactly the file's indices; return the state dict to load."""
     from . import permutation
     from .model import attach
@@ -107,8 +118,11 @@ def conform_model_to_checkpoint(model: nn.Module, config: S2FTConfig, adapter_na
 
     if config.permute:
         permutation.unpermute_model(root)
-    current = {name for name, module in root.named_modules()
-               if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta}
+    current = {
+        name
+        for name, module in root.named_modules()
+        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta
+    }
     for path, found in entries.items():
         indices = found[INDICES].long().cpu()
         module = root.get_submodule(path)

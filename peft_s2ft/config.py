@@ -126,7 +126,9 @@ class S2FTConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules apart from the adapter layers that are fully trained and saved (e.g. a classifier)."},
+        metadata={
+            "help": "Modules apart from the adapter layers that are fully trained and saved (e.g. a classifier)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -23,8 +23,15 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("s2ft_delta",)
     other_param_names = ("s2ft_indices", "s2ft_original_block")
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, axis: str, indices: torch.Tensor,
-                 init_weights: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str,
+        axis: str,
+        indices: torch.Tensor,
+        init_weights: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"S2FT adapts nn.Linear layers only, got {type(base_layer).__name__}.")
@@ -48,13 +55,20 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
     def delta_shape(self, num_selected: int) -> tuple[int, int]:
         return (self.out_features, num_selected) if self.axis == COLUMNS else (num_selected, self.in_features)
 
-    def update_layer(self, adapter_name: str, indices: torch.Tensor, init_weights: bool = True,
-                     inference_mode: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        indices: torch.Tensor,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
         weight = self.get_base_layer().weight
         limit = self.in_features if self.axis == COLUMNS else self.out_features
         indices = torch.as_tensor(indices, dtype=torch.long).clone()  # own storage, not a slice of one
         if indices.ndim != 1 or len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= limit:
-            raise ValueError(f"S2FT indices for adapter '{adapter_name}' must be a non-empty 1-D range in [0, {limit}).")
+            raise ValueError(
+                f"S2FT indices for adapter '{adapter_name}' must be a non-empty 1-D range in [0, {limit})."
+            )
         if len(torch.unique(indices)) != len(indices):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' contain duplicates.")
         shape = self.delta_shape(len(indices))
@@ -73,8 +87,9 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         self.s2ft_delta[adapter_name] = nn.Parameter(
             torch.zeros(shape, dtype=param.dtype, device=param.device), requires_grad=param.requires_grad
         )
-        self.s2ft_indices[adapter_name] = torch.as_tensor(indices, dtype=torch.long,
-                                                          device=self.get_base_layer().weight.device)
+        self.s2ft_indices[adapter_name] = torch.as_tensor(
+            indices, dtype=torch.long, device=self.get_base_layer().weight.device
+        )
 
     def _dim(self) -> int:
         return 1 if self.axis == COLUMNS else 0
@@ -116,7 +131,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.get_base_layer().weight
         while self.merged_adapters:
@@ -133,9 +148,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         """Put the pre-trained values back into the block (permute mode)."""
         (name,) = self.s2ft_original_block.keys()
         start, stop = self.block_range
-        self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start).copy_(
-            self.s2ft_original_block[name]
-        )
+        self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start).copy_(self.s2ft_original_block[name])
         self._block_synced = False
 
     def _sync_block(self, name: str) -> None:
@@ -173,8 +186,9 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
             return MergedBlockLinear.apply(x, base.weight, base.bias, start, stop, self.axis, self.s2ft_delta[name])
         indices = tuple(self.s2ft_indices[name] for name in active)
         axes = (self.axis,) * len(active)
-        return SparseDeltaLinear.apply(x, base.weight, base.bias, indices, axes,
-                                       *(self.s2ft_delta[name] for name in active))
+        return SparseDeltaLinear.apply(
+            x, base.weight, base.bias, indices, axes, *(self.s2ft_delta[name] for name in active)
+        )
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()

@@ -40,12 +40,16 @@ def selection_plan(config: S2FTConfig, model: nn.Module) -> dict[str, torch.Tens
     structure = discover_structure(model)
     targets = config.target_modules
     wanted = {n for n in TRAINABLE_NAMES if isinstance(targets, str) or n in targets}
-    attention = [b for b in structure.attention
-                 if "o_proj" in wanted and check_target_module_exists(config, b.module("o_proj"))]
-    ffn = [b for b in structure.ffn
-           if "down_proj" in wanted and check_target_module_exists(config, b.module("down_proj"))]
-    weights = {key: permutation.base_linear(model.get_submodule(key)).weight
-               for key in [b.module("o_proj") for b in attention] + [b.module("down_proj") for b in ffn]}
+    attention = [
+        b for b in structure.attention if "o_proj" in wanted and check_target_module_exists(config, b.module("o_proj"))
+    ]
+    ffn = [
+        b for b in structure.ffn if "down_proj" in wanted and check_target_module_exists(config, b.module("down_proj"))
+    ]
+    weights = {
+        key: permutation.base_linear(model.get_submodule(key)).weight
+        for key in [b.module("o_proj") for b in attention] + [b.module("down_proj") for b in ffn]
+    }
     selection = select_units(config, model, attention, ffn, weights)
 
     plan: dict[str, torch.Tensor] = {}
@@ -71,8 +75,9 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
     return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def attach(parent: nn.Module, child_name: str, adapter_name: str, indices: torch.Tensor,
-           init_weights: bool) -> S2FTLayer:
+def attach(
+    parent: nn.Module, child_name: str, adapter_name: str, indices: torch.Tensor, init_weights: bool
+) -> S2FTLayer:
     """Wrap the linear `parent.<child_name>` (or add an adapter to its S2FT layer) training `indices`."""
     target = getattr(parent, child_name)
     axis = AXIS_OF[child_name]
@@ -120,22 +125,41 @@ class S2FTModel(BaseTuner):
             )
         checkpoint.refuse_module_like_adapter_names(self.peft_config)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
         # Plan (and validate) everything before the first module is touched.
         self._pending_plan = selection_plan(config, model)
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
         finally:
             del self._pending_plan
         if config.permute:
             permutation.permute_model(model, adapter_name)
 
-    def _create_and_replace(self, peft_config: S2FTConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
+    def _create_and_replace(
+        self,
+        peft_config: S2FTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
         indices = self._pending_plan.get(current_key)
         if indices is None:
             # A global allocation can leave a layer without units; nothing to train here.
@@ -144,12 +168,18 @@ class S2FTModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names: list[str] | None = None):
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ):
         # Co-permuted weights go back to the original order before PEFT merges and swaps the wrappers out.
         permutation.unpermute_model(self.model)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self.peft_config.get(adapter_name) is not None and self.peft_config[adapter_name].permute:
@@ -159,8 +189,9 @@ class S2FTModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the file holds indices (original coordinates) and deltas; loading follows the file
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: S2FTConfig, adapter_name: str,
-                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: S2FTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         state_dict = checkpoint.conform_model_to_checkpoint(model, config, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 

@@ -36,7 +36,7 @@ class SparseDeltaLinear(torch.autograd.Function):
             out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
             saved_inputs = []
             needs_full_input = False
-            for index, axis, delta in zip(indices, axes, deltas):
+            for index, axis, delta in zip(indices, axes, deltas, strict=True):
                 delta = delta.to(dtype)
                 if axis == COLUMNS:
                     x_selected = x2.index_select(1, index)
@@ -48,6 +48,7 @@ class SparseDeltaLinear(torch.autograd.Function):
                     needs_full_input = True
         trains_delta = any(ctx.needs_input_grad[5:])
         ctx.axes, ctx.x_shape, ctx.dtype, ctx.has_bias = axes, x.shape, dtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
         ctx.column_slots = [i for i, s in enumerate(saved_inputs) if s is not None]
         to_save = [weight, *indices, *deltas]
@@ -65,7 +66,9 @@ class SparseDeltaLinear(torch.autograd.Function):
         count = len(ctx.axes)
         weight, indices, deltas = saved[0], saved[1 : 1 + count], saved[1 + count : 1 + 2 * count]
         rest = saved[1 + 2 * count :]
-        column_inputs = dict(zip(ctx.column_slots, rest)) if ctx.trains_delta else {}
+        column_inputs = dict(
+            zip(ctx.column_slots, rest, strict=False)
+        )  # rest may end with the full input if ctx.trains_delta else {}
         x2 = rest[-1] if ctx.needs_full_input else None
         dtype = ctx.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
@@ -73,7 +76,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight.to(dtype)
-            for index, axis, delta in zip(indices, ctx.axes, deltas):
+            for index, axis, delta in zip(indices, ctx.axes, deltas, strict=True):
                 delta = delta.to(dtype)
                 if axis == COLUMNS:
                     grad_x.index_add_(1, index, g @ delta)
@@ -81,10 +84,10 @@ class SparseDeltaLinear(torch.autograd.Function):
                     grad_x.addmm_(g.index_select(1, index), delta)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
 
         grad_deltas = []
-        for slot, (index, axis, delta) in enumerate(zip(indices, ctx.axes, deltas)):
+        for slot, (index, axis, delta) in enumerate(zip(indices, ctx.axes, deltas, strict=True)):
             if not ctx.needs_input_grad[5 + slot]:
                 grad_deltas.append(None)
             elif axis == COLUMNS:
@@ -109,6 +112,7 @@ class MergedBlockLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.x_shape, ctx.dtype, ctx.x_dtype, ctx.has_bias = x.shape, dtype, x.dtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.block, ctx.axis = (start, stop), axis
         ctx.trains_delta = ctx.needs_input_grad[6]
         saved_input = []
@@ -125,12 +129,9 @@ class MergedBlockLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight.to(ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
         if ctx.trains_delta:
             start, stop = ctx.block
-            if ctx.axis == COLUMNS:
-                grad_delta = g.t() @ saved_input[0]
-            else:
-                grad_delta = g[:, start:stop].t() @ saved_input[0]
-            grad_delta = grad_delta.to(delta.dtype)
+            grad_block_out = g if ctx.axis == COLUMNS else g[:, start:stop]
+            grad_delta = (grad_block_out.t() @ saved_input[0]).to(delta.dtype)
         return grad_x, None, grad_bias, None, None, None, grad_delta

@@ -144,12 +144,17 @@ def permute_model(model: nn.Module, adapter_name: str) -> None:
         query_rows, group_rows = _expand(query, block.head_dim), _expand(groups, block.head_dim)
         v_module = model.get_submodule(block.module("v_proj"))
         v_layer = v_module if isinstance(v_module, S2FTLayer) and adapter_name in v_module.s2ft_indices else None
-        _install(o_layer, [
-            (block.module("q_proj"), 0, query_rows, None),
-            (block.module("k_proj"), 0, group_rows, None),
-            (block.module("v_proj"), 0, group_rows, v_layer),
-            (block.module("o_proj"), 1, query_rows, o_layer),
-        ], model, adapter_name)
+        _install(
+            o_layer,
+            [
+                (block.module("q_proj"), 0, query_rows, None),
+                (block.module("k_proj"), 0, group_rows, None),
+                (block.module("v_proj"), 0, group_rows, v_layer),
+                (block.module("o_proj"), 1, query_rows, o_layer),
+            ],
+            model,
+            adapter_name,
+        )
     for block in structure.ffn:
         down_layer = model.get_submodule(block.module("down_proj"))
         if not isinstance(down_layer, S2FTLayer) or adapter_name not in down_layer.s2ft_indices:
@@ -158,11 +163,16 @@ def permute_model(model: nn.Module, adapter_name: str) -> None:
         order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in set(channels.tolist())))
         up_module = model.get_submodule(block.module("up_proj"))
         up_layer = up_module if isinstance(up_module, S2FTLayer) and adapter_name in up_module.s2ft_indices else None
-        _install(down_layer, [
-            (block.module("gate_proj"), 0, order, None),
-            (block.module("up_proj"), 0, order, up_layer),
-            (block.module("down_proj"), 1, order, down_layer),
-        ], model, adapter_name)
+        _install(
+            down_layer,
+            [
+                (block.module("gate_proj"), 0, order, None),
+                (block.module("up_proj"), 0, order, up_layer),
+                (block.module("down_proj"), 1, order, down_layer),
+            ],
+            model,
+            adapter_name,
+        )
 
 
 def _install(owner: S2FTLayer, members, model: nn.Module, adapter_name: str) -> None:

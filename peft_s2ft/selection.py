@@ -62,9 +62,7 @@ def _count(
     if field_count is not None:
         if field_count > available:
             where = "per layer" if allocation == "uniform" else f"over {num_blocks} adapted layers"
-            raise ValueError(
-                f"S2FTConfig.{count_field}={field_count}, but the model has only {available} {where}."
-            )
+            raise ValueError(f"S2FTConfig.{count_field}={field_count}, but the model has only {available} {where}.")
         return field_count
     if field_ratio is not None:
         return max(1, round(field_ratio * available))
@@ -80,7 +78,7 @@ def _pick(scores: list[torch.Tensor], counts: list[int], group_size: int) -> lis
     permutation make the selected query heads contiguous while every head keeps its own K/V group.
     """
     picked = []
-    for block_scores, count in zip(scores, counts):
+    for block_scores, count in zip(scores, counts, strict=True):
         if group_size == 1:
             order = torch.argsort(block_scores, descending=True, stable=True)
         else:
@@ -120,39 +118,53 @@ def select_units(
         first = attention[0]
         hidden = weights[first.module("o_proj")].shape[0]
         num_heads = _count(
-            config.heads_per_layer, config.head_ratio, attention_budget, hidden * first.head_dim,
-            first.num_heads, len(attention), config.allocation, "heads_per_layer",
+            config.heads_per_layer,
+            config.head_ratio,
+            attention_budget,
+            hidden * first.head_dim,
+            first.num_heads,
+            len(attention),
+            config.allocation,
+            "heads_per_layer",
         )
         generator = torch.Generator().manual_seed(config.seed)
         scores = [
             _unit_scores(
-                config.selection, generator, b.num_heads,
+                config.selection,
+                generator,
+                b.num_heads,
                 None if config.selection == "random" else _head_norms(weights[b.module("o_proj")], b),
             )
             for b in attention
         ]
         counts = [num_heads] * len(attention) if config.allocation == "uniform" else _global_counts(scores, num_heads)
         group_size = first.group_size if config.permute else 1
-        heads = {b.prefix: sel for b, sel in zip(attention, _pick(scores, counts, group_size)) if sel}
+        heads = {b.prefix: sel for b, sel in zip(attention, _pick(scores, counts, group_size), strict=True) if sel}
 
     channels: dict[str, list[int]] = {}
     if ffn:
         first_ffn = ffn[0]
         hidden = weights[first_ffn.module("down_proj")].shape[0]
         num_channels = _count(
-            config.channels_per_layer, config.channel_ratio, ffn_budget, hidden,
-            first_ffn.num_channels, len(ffn), config.allocation, "channels_per_layer",
+            config.channels_per_layer,
+            config.channel_ratio,
+            ffn_budget,
+            hidden,
+            first_ffn.num_channels,
+            len(ffn),
+            config.allocation,
+            "channels_per_layer",
         )
         generator = torch.Generator().manual_seed(config.seed + 1)
         scores = [
             _unit_scores(
-                config.selection, generator, b.num_channels,
+                config.selection,
+                generator,
+                b.num_channels,
                 None if config.selection == "random" else _channel_norms(weights[b.module("down_proj")]),
             )
             for b in ffn
         ]
-        counts = (
-            [num_channels] * len(ffn) if config.allocation == "uniform" else _global_counts(scores, num_channels)
-        )
-        channels = {b.prefix: sel for b, sel in zip(ffn, _pick(scores, counts, 1)) if sel}
+        counts = [num_channels] * len(ffn) if config.allocation == "uniform" else _global_counts(scores, num_channels)
+        channels = {b.prefix: sel for b, sel in zip(ffn, _pick(scores, counts, 1), strict=True) if sel}
     return Selection(heads, channels)

@@ -8,8 +8,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import peft_s2ft  # noqa: F401  (registers the tuner)
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              max_position_embeddings=64, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 CONFIGS = {
     "llama-mha": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=4),
     "llama-gqa": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),

@@ -61,8 +61,14 @@ def test_default_is_about_one_percent_half_attention_half_ffn(load):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     # Wide enough that whole heads are a small unit of the budget.
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=32, num_key_value_heads=8)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
     model = AutoModelForCausalLM.from_config(config)
     total = count_parameters(model)
     peft_model = get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM"))

@@ -30,8 +30,11 @@ def test_push_to_hub_then_load_by_repo_id(load, input_ids, tmp_path, monkeypatch
         return f"https://huggingface.co/{repo_id}"
 
     monkeypatch.setattr(transformers_hub, "hf_api", lambda: OfflineApi())
-    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card",
-                        lambda repo_id, tags=None, token=None, **kw: ModelCard("---\nlibrary_name: peft\n---\n"))
+    monkeypatch.setattr(
+        transformers_hub,
+        "create_and_tag_model_card",
+        lambda repo_id, tags=None, token=None, **kw: ModelCard("---\nlibrary_name: peft\n---\n"),
+    )
     monkeypatch.setattr(transformers_hub.PushToHubMixin, "_upload_modified_files", capture_upload)
 
     model = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))

@@ -65,8 +65,9 @@ def test_function_preserved_and_base_contract_kept(load, input_ids, name, permut
     merged = peft_model.merge_and_unload()
     torch.testing.assert_close(merged(input_ids).logits, trained, atol=1e-5, rtol=1e-5)
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, original[k])}
-    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight", "v_proj.weight", "up_proj.weight"))
-                           for k in changed)
+    assert changed and all(
+        k.endswith(("o_proj.weight", "down_proj.weight", "v_proj.weight", "up_proj.weight")) for k in changed
+    )
     for key in [k for k in changed if k.endswith(("o_proj.weight", "down_proj.weight"))]:
         touched_columns = (merged.state_dict()[key] != original[key]).any(dim=0).sum()
         assert 0 < touched_columns <= 2 * 8  # only the selected columns moved
@@ -171,14 +172,24 @@ def _corrupt(tmp_path, edit):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.update({k: t[k] + 1000 for k in t if k.endswith("layers.1.mlp.down_proj.s2ft_indices")}),
-         r"layers\.1\.mlp\.down_proj.*indices up to"),
-        (lambda t: t.update({k: t[k][:, :2].contiguous() for k in t if k.endswith("layers.0.self_attn.o_proj.s2ft_delta")}),
-         r"layers\.0\.self_attn\.o_proj.*shape"),
-        (lambda t: t.update({k.replace("layers.1", "layers.7"): v.clone() for k, v in list(t.items())}),
-         r"layers\.7"),
-        (lambda t: t.pop(next(k for k in t if k.endswith("layers.0.mlp.down_proj.s2ft_indices"))),
-         r"layers\.0\.mlp\.down_proj.*s2ft_indices"),
+        (
+            lambda t: t.update({k: t[k] + 1000 for k in t if k.endswith("layers.1.mlp.down_proj.s2ft_indices")}),
+            r"layers\.1\.mlp\.down_proj.*indices up to",
+        ),
+        (
+            lambda t: t.update(
+                {k: t[k][:, :2].contiguous() for k in t if k.endswith("layers.0.self_attn.o_proj.s2ft_delta")}
+            ),
+            r"layers\.0\.self_attn\.o_proj.*shape",
+        ),
+        (
+            lambda t: t.update({k.replace("layers.1", "layers.7"): v.clone() for k, v in list(t.items())}),
+            r"layers\.7",
+        ),
+        (
+            lambda t: t.pop(next(k for k in t if k.endswith("layers.0.mlp.down_proj.s2ft_indices"))),
+            r"layers\.0\.mlp\.down_proj.*s2ft_indices",
+        ),
     ],
 )
 def test_a_mismatched_adapter_is_refused_before_the_model_changes(load, input_ids, tmp_path, edit, message):
@@ -188,8 +199,9 @@ def test_a_mismatched_adapter_is_refused_before_the_model_changes(load, input_id
     original = _state(model)
     with pytest.raises(AdapterMismatchError, match=message):
         PeftModel.from_pretrained(model, tmp_path)
-    assert {k: v for k, v in _state(model).items() if "s2ft_" not in k and "base_layer" not in k}.keys() <= \
-        original.keys()
+    assert {
+        k: v for k, v in _state(model).items() if "s2ft_" not in k and "base_layer" not in k
+    }.keys() <= original.keys()
     restored = {k.replace(".base_layer", ""): v for k, v in _state(model).items() if "s2ft_" not in k}
     _assert_same_state(restored, original)
 
@@ -220,8 +232,11 @@ def test_several_adapters_with_different_selections(load, input_ids):
     out_default = model(input_ids).logits
     model.add_adapter("other", _config(seed=1, init_weights=False, heads_per_layer=1))
     indices = {n: b for n, b in model.named_buffers() if "s2ft_indices" in n}
-    assert any(not torch.equal(indices[n], indices[n.replace("default", "other")])
-               for n in indices if n.endswith("default") and "o_proj" in n)
+    assert any(
+        not torch.equal(indices[n], indices[n.replace("default", "other")])
+        for n in indices
+        if n.endswith("default") and "o_proj" in n
+    )
     torch.testing.assert_close(model(input_ids).logits, out_default)  # "other" is inactive
     model.set_adapter("other")
     out_other = model(input_ids).logits
@@ -262,8 +277,10 @@ def test_adapter_named_like_a_module_is_refused(load):
         get_peft_model(load("llama-gqa"), _config(), adapter_name="mlp")
 
 
-@pytest.mark.parametrize(("kwargs", "layers"), [({"layers_to_transform": [1]}, {1}),
-                                                ({"exclude_modules": r".*layers\.0\..*"}, {1})])
+@pytest.mark.parametrize(
+    ("kwargs", "layers"),
+    [({"layers_to_transform": [1]}, {1}), ({"exclude_modules": r".*layers\.0\..*"}, {1})],
+)
 def test_layer_restrictions(load, kwargs, layers):
     model = get_peft_model(load("llama-gqa"), _config(**kwargs))
     adapted = {int(n.split("layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "s2ft_" in n}

@@ -19,9 +19,19 @@ def _dataset() -> Dataset:
 
 def _args(output_dir, max_steps):
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-        gradient_accumulation_steps=2, max_grad_norm=1.0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
     )
 
 
@@ -49,8 +59,9 @@ def test_trainer_trains_saves_and_resumes(load, tmp_path, input_ids, permute):
     torch.testing.assert_close(reloaded(input_ids).logits, trained, atol=1e-5, rtol=1e-5)
 
     # Resuming from step 2 reaches the same adapter as the uninterrupted run.
-    resumed_model = get_peft_model(load("llama-gqa"),
-                                   S2FTConfig(task_type="CAUSAL_LM", permute=permute, heads_per_layer=2))
+    resumed_model = get_peft_model(
+        load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM", permute=permute, heads_per_layer=2)
+    )
     resumed = Trainer(model=resumed_model, args=_args(tmp_path, 4), train_dataset=_dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     torch.testing.assert_close(resumed_model(input_ids).logits, trained, atol=1e-4, rtol=1e-4)
