@@ -112,7 +112,13 @@ def conform_model_to_checkpoint(
 
     root, active = _root(model)
     entries = _entries(state_dict)
-    _check(root, entries)
+    try:
+        _check(root, entries)
+    except AdapterMismatchError:
+        # Loading injected this adapter's layers before reading the file: take them out again, so the
+        # caller's model is left with the modules and weights it had.
+        _remove_adapter_everywhere(root, adapter_name, config)
+        raise
     if not entries:
         return state_dict
 
@@ -158,3 +164,13 @@ def _remove_adapter(root: nn.Module, path: str, adapter_name: str) -> None:
     if not layer.s2ft_delta:
         parent_path, _, child = path.rpartition(".")
         setattr(root.get_submodule(parent_path), child, layer.get_base_layer())
+
+
+def _remove_adapter_everywhere(root: nn.Module, adapter_name: str, config: S2FTConfig) -> None:
+    from . import permutation
+
+    if config.permute:
+        permutation.unpermute_model(root)
+    for path, module in list(root.named_modules()):
+        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
+            _remove_adapter(root, path, adapter_name)
