@@ -30,7 +30,6 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         axis: str,
         indices: torch.Tensor,
         init_weights: bool = True,
-        **kwargs,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
