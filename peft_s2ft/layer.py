@@ -94,11 +94,15 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         return 1 if self.axis == COLUMNS else 0
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense (out, in) delta in the layer's current coordinates."""
+        """The dense (out, in) delta against the ORIGINAL base weight (also in permute mode), for export."""
         weight = self.get_base_layer().weight
-        delta = self.s2ft_delta[adapter_name]
-        dense = torch.zeros_like(weight)
-        return dense.index_copy_(self._dim(), self.current_indices(adapter_name), delta.to(weight.dtype))
+        delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
+        dense = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        return dense.index_copy_(self._dim(), self.s2ft_indices[adapter_name].to(weight.device), delta)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # A delta on |S| columns (rows) has rank <= |S|: a LoRA of that rank reproduces it exactly.
+        return True
 
     def current_indices(self, adapter_name: str) -> torch.Tensor:
         """Indices in the weight as it is stored now (original, or co-permuted in permute mode)."""

@@ -6,6 +6,7 @@ reload with another global seed selects the same units.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ def _count(
     num_blocks: int,
     allocation: str,
     count_field: str,
+    unit_name: str,
 ) -> int:
     """Units per block (uniform) or in total (global)."""
     scale = 1 if allocation == "uniform" else num_blocks
@@ -68,7 +70,16 @@ def _count(
         return max(1, round(field_ratio * available))
     if budget_params <= 0:
         return 0
-    return min(available, max(1, round(budget_params / (params_per_unit * (num_blocks / scale)))))
+    requested = max(1, round(budget_params / (params_per_unit * (num_blocks / scale))))
+    if requested > available:
+        warnings.warn(
+            f"S2FT: the parameter budget (trainable_ratio) asks for {requested} {unit_name} "
+            f"{'per layer' if scale == 1 else 'in total'}, more than the {available} there are (the model's other "
+            f"parameters, e.g. a large vocabulary, dominate its size); training all of them. Set {count_field} "
+            "to choose explicitly.",
+            stacklevel=4,
+        )
+    return min(available, requested)
 
 
 def _pick(scores: list[torch.Tensor], counts: list[int], group_size: int) -> list[list[int]]:
@@ -126,6 +137,7 @@ def select_units(
             len(attention),
             config.allocation,
             "heads_per_layer",
+            "heads",
         )
         generator = torch.Generator().manual_seed(config.seed)
         scores = [
@@ -154,6 +166,7 @@ def select_units(
             len(ffn),
             config.allocation,
             "channels_per_layer",
+            "channels",
         )
         generator = torch.Generator().manual_seed(config.seed + 1)
         scores = [

@@ -78,3 +78,11 @@ def test_default_is_about_one_percent_half_attention_half_ffn(load):
     assert 0.8 < attention / ffn < 1.25
     per_layer = {n: p.shape for n, p in peft_model.named_parameters() if "s2ft_delta" in n}
     assert len({s for n, s in per_layer.items() if "o_proj" in n}) == 1  # same count per layer
+
+
+def test_a_budget_larger_than_the_blocks_warns_and_trains_everything(load):
+    # The tiny models are mostly embeddings: 30% of their parameters is more than all their heads hold.
+    with pytest.warns(UserWarning, match="more than the 4 there are"):
+        model = get_peft_model(load("llama-gqa"), S2FTConfig(trainable_ratio=0.3))
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert len(o_proj.s2ft_indices["default"]) == o_proj.in_features

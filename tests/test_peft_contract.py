@@ -334,3 +334,16 @@ def test_unsupported_architecture_names_what_is_missing():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="decoder layer"):
         get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", target_modules=["o_proj"]))
+
+
+@pytest.mark.parametrize("permute", MODES)
+def test_exports_losslessly_to_lora(load, input_ids, tmp_path, permute):
+    from peft import LoraConfig, convert_to_lora, set_peft_model_state_dict
+
+    peft_model = get_peft_model(load("llama-gqa"), _config(permute, init_weights=False))
+    expected = peft_model(input_ids).logits
+    lora_config, lora_state = convert_to_lora(peft_model, rank=16)  # 16 = the widest selection (2 heads x 8)
+    assert isinstance(lora_config, LoraConfig)
+    lora_model = get_peft_model(load("llama-gqa"), lora_config)
+    set_peft_model_state_dict(lora_model, lora_state)
+    torch.testing.assert_close(lora_model(input_ids).logits, expected, atol=1e-4, rtol=1e-4)
