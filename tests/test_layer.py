@@ -109,3 +109,14 @@ def test_rejects_bad_indices():
         S2FTLayer(base, "default", COLUMNS, torch.tensor([3, 24]))
     with pytest.raises(ValueError, match="duplicates"):
         S2FTLayer(base, "default", COLUMNS, torch.tensor([3, 3]))
+
+
+def test_base_weight_is_restored_bit_for_bit_even_when_the_matmul_fails():
+    base, layer, _ = _layer(COLUMNS)
+    original = base.weight.detach().clone()
+    x = torch.randn(3, 24, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(base.weight, original)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(3, 23))  # wrong width: F.linear raises inside the merged-weight window
+    assert torch.equal(base.weight, original)
