@@ -12,7 +12,6 @@ possible step, all weights frozen and only input gradients back-propagated (see 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import platform
@@ -20,16 +19,23 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, the repository root is not on the path; as a module it already is.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.measure import StepTimes, adapter_file_bytes, instrumented_step, timed_step  # noqa: E402
-from benchmarks.methods import LORA_TARGETS, METHODS, Trainee, matched_lora_rank, prepare  # noqa: E402
-from benchmarks.methods import s2ft_trainable_count  # noqa: E402
-from benchmarks.models import DTYPES, EMBEDDED, load_base_model  # noqa: E402
-from benchmarks.report import add_ratios, format_table, write_json  # noqa: E402
+from benchmarks.measure import StepTimes, adapter_file_bytes, instrumented_step, timed_step
+from benchmarks.methods import (
+    LORA_TARGETS,
+    METHODS,
+    Trainee,
+    copy_for,
+    matched_lora_rank,
+    prepare,
+    s2ft_trainable_count,
+)
+from benchmarks.models import DTYPES, EMBEDDED, load_base_model
+from benchmarks.report import add_ratios, format_table, write_json
 
 QUICK = {"model": EMBEDDED, "batch": 2, "seq_len": "128", "repeats": 2}
 DEFAULTS = {"model": EMBEDDED, "batch": 4, "seq_len": "256", "repeats": 4}
@@ -42,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="Sequences per step (default 4).")
     parser.add_argument("--seq-len", help="Comma list of tokens per sequence (default 256).")
     parser.add_argument(
-        "--max-tokens", type=int, help="Cap batch x seq-len: the batch shrinks for long sequences (at least 1)."
+        "--max-tokens",
+        type=int,
+        help="Cap batch x seq-len: the batch shrinks for long sequences (at least 1).",
     )
     parser.add_argument("--repeats", type=int, help="Timed steps per method and shape (default 4).")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma list (default: all).")
@@ -58,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", help="Write the records to this JSON file.")
     parser.add_argument("--plot", help="Write a PNG of the ratios to limit (needs matplotlib).")
     parser.add_argument("--quick", action="store_true", help=f"A short run: {QUICK}, unless given.")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
@@ -88,22 +97,22 @@ def machine() -> dict:
 
 
 def build_trainees(base: torch.nn.Module, methods: list[str], args: argparse.Namespace) -> list[Trainee]:
-    """One private copy of `base` per method; LoRA ranks matched to the default S2FT's trainable count."""
-    device = torch.device(args.device)
+    """One copy of `base` per method; LoRA ranks matched to the default S2FT's trainable count."""
+    base.requires_grad_(False)
     trainees = {}
     for method in (m for m in methods if m not in LORA_TARGETS):
-        trainees[method] = prepare(method, copy.deepcopy(base).to(device), peft_feed=args.peft_input)
+        trainees[method] = prepare(method, copy_for(method, base), peft_feed=args.peft_input)
     lora_methods = [m for m in methods if m in LORA_TARGETS]
     if lora_methods and args.lora_rank is None:
         budget = trainees["s2ft"].trainable_params() if "s2ft" in trainees else s2ft_trainable_count(base)
     for method in lora_methods:
         rank = args.lora_rank or matched_lora_rank(base, method, budget)
-        trainees[method] = prepare(method, copy.deepcopy(base).to(device), lora_rank=rank, peft_feed=args.peft_input)
+        trainees[method] = prepare(method, copy_for(method, base), lora_rank=rank, peft_feed=args.peft_input)
     return [trainees[m] for m in methods]
 
 
 def measure_shape(trainees: list[Trainee], ids: torch.Tensor, repeats: int) -> list[tuple]:
-    """Figures of each trainee on `ids`: one instrumented step each, then `repeats` interleaved timed steps."""
+    """Figures of each trainee on `ids`: one instrumented step each, then `repeats` interleaved timed ones."""
     figures = [instrumented_step(t, ids) for t in trainees]
     times: list[list[StepTimes]] = [[] for _ in trainees]
     for repeat in range(repeats):
@@ -131,6 +140,7 @@ def record(trainee: Trainee, figures, times: list[StepTimes], context: dict, ada
         "backward_s": median("backward_s"),
         "optimizer_s": median("optimizer_s"),
         "step_times_s": [t.step_s for t in times],
+        "step_cpu_s": median("cpu_s"),
         "saved_bytes": figures.saved_bytes,
         "saved_param_bytes": figures.saved_param_bytes,
         "saved_activation_bytes": figures.saved_bytes - figures.saved_param_bytes,
@@ -145,7 +155,7 @@ def record(trainee: Trainee, figures, times: list[StepTimes], context: dict, ada
 def run_model(name: str, methods: list[str], args: argparse.Namespace, environment: dict) -> list[dict]:
     device = torch.device(args.device)
     print(f"[{name}] loading", flush=True)
-    base = load_base_model(name, DTYPES[args.dtype], seed=args.seed)
+    base = load_base_model(name, DTYPES[args.dtype], seed=args.seed).to(device)
     vocab = base.config.vocab_size
     trainees = build_trainees(base, methods, args)
     del base
@@ -170,6 +180,8 @@ def run_model(name: str, methods: list[str], args: argparse.Namespace, environme
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import peft
     import transformers
 

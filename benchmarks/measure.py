@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .methods import Trainee
 
@@ -42,13 +42,36 @@ class StepFigures:
 
 @dataclass
 class StepTimes:
+    """Wall time per phase, and the process's CPU time for the whole step.
+
+    CPU time leaves out the time other processes hold the cores, so on a shared machine it is the steadier
+    figure; with several threads it also counts threads that wait busily.
+    """
+
     forward_s: float
     backward_s: float
     optimizer_s: float
+    cpu_s: float
 
     @property
     def step_s(self) -> float:
         return self.forward_s + self.backward_s + self.optimizer_s
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU one, so attention would count as 0
+# on the CPU; these use torch's own SDPA formulas (full, non-causal matrices, as on CUDA).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int, int] | None:
@@ -104,7 +127,7 @@ def _distinct_storages(tensors: Iterator[torch.Tensor]) -> dict[tuple[str, int],
 
 
 def resident_bytes(trainee: Trainee) -> int:
-    """Bytes of distinct storages the trainee holds between steps: weights, buffers, grads, optimizer state."""
+    """Bytes of the distinct storages a trainee holds between steps: weights, buffers, optimizer state."""
     return sum(_distinct_storages(_state_tensors(trainee)).values())
 
 
@@ -135,7 +158,7 @@ def timed_step(trainee: Trainee, ids: torch.Tensor) -> StepTimes:
     """Run one training step and time its three phases."""
     device = ids.device
     _synchronize(device)
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     loss = _forward(trainee, ids)
     _synchronize(device)
     forward_end = time.perf_counter()
@@ -144,8 +167,8 @@ def timed_step(trainee: Trainee, ids: torch.Tensor) -> StepTimes:
     backward_end = time.perf_counter()
     _update(trainee)
     _synchronize(device)
-    end = time.perf_counter()
-    return StepTimes(forward_end - start, backward_end - forward_end, end - backward_end)
+    end, cpu_end = time.perf_counter(), time.process_time()
+    return StepTimes(forward_end - start, backward_end - forward_end, end - backward_end, cpu_end - cpu_start)
 
 
 def _cpu_allocation_events(prof) -> list[tuple[int, int, int]]:
@@ -198,7 +221,7 @@ def instrumented_step(trainee: Trainee, ids: torch.Tensor) -> StepFigures:
     resident = resident_bytes(trainee)
     saved = SavedTensorCounter()
     peak: list[int] = []
-    flop_counter = FlopCounterMode(display=False)
+    flop_counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with _peak_rise(ids.device, peak):
         with flop_counter:
             with saved.counting():

@@ -22,6 +22,9 @@ LORA_TARGETS = {
     "lora-all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 LEARNING_RATE = 1e-5
+# Methods that write into the base weights (full fine-tuning; co-permutation) get their own copy of them.
+# The others share one frozen copy, so that six 1B-class models are not six times in memory.
+WRITES_BASE_WEIGHTS = ("full", "s2ft-permute")
 
 
 @dataclass
@@ -36,6 +39,14 @@ class Trainee:
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def copy_for(method: str, base: nn.Module) -> nn.Module:
+    """A copy of `base` (whose weights must be frozen) that `method` may turn into its trainee."""
+    if method in WRITES_BASE_WEIGHTS:
+        return copy.deepcopy(base)
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo=shared)
 
 
 def s2ft_config(method: str):
@@ -84,7 +95,11 @@ def prepare(method: str, model: nn.Module, *, lora_rank: int | None = None, peft
             raise ValueError(f"{method} needs a LoRA rank.")
         rank = lora_rank
         config = peft.LoraConfig(
-            task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[method]
+            task_type="CAUSAL_LM",
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS[method],
         )
         model, feed = peft.get_peft_model(model, config), peft_feed
     elif method in ("s2ft", "s2ft-permute"):

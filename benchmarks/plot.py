@@ -1,4 +1,4 @@
-"""Bar chart of step time, bytes saved for backward and peak memory per method, as ratios to limit."""
+"""Bar charts of step time, bytes saved for backward and peak memory per method, as ratios to limit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 PANELS = (
     ("step_time_s_ratio", "step time / limit"),
+    ("step_cpu_s_ratio", "step CPU time / limit"),
     ("saved_bytes_ratio", "saved for backward / limit"),
     ("peak_mem_bytes_ratio", "peak memory / limit"),
 )

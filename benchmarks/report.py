@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # Fields that get a "<field>_ratio" (value / the limit's value measured in the same run and shape).
-RATIO_FIELDS = ("step_time_s", "saved_bytes", "peak_mem_bytes", "flops")
+RATIO_FIELDS = ("step_time_s", "step_cpu_s", "saved_bytes", "saved_activation_bytes", "peak_mem_bytes", "flops")
 GROUP_FIELDS = ("model", "batch", "seq_len", "dtype", "device")
 MIB = 2**20
 
@@ -29,14 +29,14 @@ def _ratio(value: float | None) -> str:
 def format_table(records: Iterable[dict]) -> str:
     """A Markdown table, one row per record, ratios to limit next to absolute figures."""
     header = (
-        "| model | batch x seq | method | trainable | step s | step/limit | saved MiB | saved/limit "
+        "| model | batch x seq | method | trainable | step s | step/limit | CPU/limit | saved MiB | saved/limit "
         "| peak MiB | peak/limit | GFLOP | FLOP/limit | adapter MB |"
     )
     rows = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in records:
         rows.append(
             f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['method']} | {r['trainable_params']:,} "
-            f"| {r['step_time_s']:.2f} | {_ratio(r['step_time_s_ratio'])} "
+            f"| {r['step_time_s']:.2f} | {_ratio(r['step_time_s_ratio'])} | {_ratio(r['step_cpu_s_ratio'])} "
             f"| {r['saved_bytes'] / MIB:.0f} | {_ratio(r['saved_bytes_ratio'])} "
             f"| {r['peak_mem_bytes'] / MIB:.0f} | {_ratio(r['peak_mem_bytes_ratio'])} "
             f"| {r['flops'] / 1e9:.0f} | {_ratio(r['flops_ratio'])} | {r['adapter_bytes'] / 1e6:.2f} |"
