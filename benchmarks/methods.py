@@ -22,8 +22,10 @@ LORA_TARGETS = {
     "lora-all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 LEARNING_RATE = 1e-5
-# Methods that write into the base weights (full fine-tuning; co-permutation) get their own copy of them.
-# The others share one frozen copy, so that six 1B-class models are not six times in memory.
+# Methods that change the base weights (full fine-tuning; co-permutation) get their own copy of them. The
+# others share one frozen copy, so that six 1B-class models are not six times in memory: they leave it as it
+# was after every call (S2FT's default mode adds its delta for one matmul and copies the originals back), and
+# the steps of different methods never overlap.
 WRITES_BASE_WEIGHTS = ("full", "s2ft-permute")
 
 
