@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peft_s2ft.lora_baseline import PAPER_LORA_TARGETS, lora_config
+from peft_s2ft.lora_baseline import matched_lora_rank as _matched_rank
+
 METHODS = ("limit", "full", "lora", "lora-all", "s2ft", "s2ft-permute")
-# The paper's LoRA baseline adapts q, k, v, up and down; "lora-all" adapts every linear layer.
+# "lora" is the paper's baseline (q, k, v, up, down); "lora-all" adapts every linear layer.
 LORA_TARGETS = {
-    "lora": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-    "lora-all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "lora": PAPER_LORA_TARGETS,
+    "lora-all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 LEARNING_RATE = 1e-5
 # Methods that change the base weights (full fine-tuning; co-permutation) get their own copy of them. The
@@ -66,19 +69,9 @@ def s2ft_trainable_count(base: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_params_per_rank(base: nn.Module, method: str) -> int:
-    """LoRA parameters added per unit of rank: sum of in + out features over the targeted linears."""
-    targets = set(LORA_TARGETS[method])
-    return sum(
-        m.in_features + m.out_features
-        for name, m in base.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    )
-
-
 def matched_lora_rank(base: nn.Module, method: str, budget: int) -> int:
-    """The rank whose LoRA parameter count is closest to `budget` (at least 1)."""
-    return max(1, round(budget / lora_params_per_rank(base, method)))
+    """The rank whose LoRA parameter count (on `method`'s targets) is closest to `budget` (at least 1)."""
+    return _matched_rank(base, LORA_TARGETS[method], budget)
 
 
 def prepare(method: str, model: nn.Module, *, lora_rank: int | None = None, peft_feed: str = "embeds") -> Trainee:
@@ -96,14 +89,7 @@ def prepare(method: str, model: nn.Module, *, lora_rank: int | None = None, peft
         if lora_rank is None:
             raise ValueError(f"{method} needs a LoRA rank.")
         rank = lora_rank
-        config = peft.LoraConfig(
-            task_type="CAUSAL_LM",
-            r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS[method],
-        )
-        model, feed = peft.get_peft_model(model, config), peft_feed
+        model, feed = peft.get_peft_model(model, lora_config(rank, LORA_TARGETS[method])), peft_feed
     elif method in ("s2ft", "s2ft-permute"):
         model, feed = peft.get_peft_model(model, s2ft_config(method)), peft_feed
     else:

@@ -18,7 +18,6 @@ from .config import ALLOCATIONS, SELECTION_STRATEGIES
 
 DEFAULTS = dict(max_steps=64, eval_samples=80, batch_size=8, max_length=192, max_number=100, eval_batch_size=40, seed=0)
 LEARNING_RATES = {"s2ft": 3e-3, "lora": 1e-3}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 EMBEDDED_TAG = "smollm2"
 RELOAD_CHECK_ROWS = 4
 # A reloaded adapter must reproduce the fine-tuned logits up to float noise: same weights, same ops.
@@ -213,32 +212,29 @@ def matched_lora_rank(args: argparse.Namespace, source: str) -> tuple[int, int]:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    per_rank = sum(
-        module.in_features + module.out_features
-        for name, module in shell.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
-    )
-    if per_rank == 0:
-        raise UsageError(f"--method lora: the model has none of the modules {', '.join(LORA_TARGETS)}.")
-    s2ft = get_peft_model(shell, s2ft_config(args, selection="random"))
+    from . import lora_baseline
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):  # two shells: get_peft_model rewrites the modules of the one it wraps
+        shell, s2ft_shell = (AutoModelForCausalLM.from_config(config) for _ in range(2))
+    s2ft = get_peft_model(s2ft_shell, s2ft_config(args, selection="random"))
     count = sum(p.numel() for p in s2ft.parameters() if p.requires_grad)
-    return max(1, round(count / per_rank)), count
+    try:
+        return lora_baseline.matched_lora_rank(shell, lora_baseline.PAPER_LORA_TARGETS, count), count
+    except ValueError as error:
+        raise UsageError(f"--method lora: {error}") from error
 
 
 def peft_config(args: argparse.Namespace, source: str) -> Any:
     if args.method == "s2ft":
         return s2ft_config(args)
-    from peft import LoraConfig
+    from .lora_baseline import PAPER_LORA_TARGETS, lora_config
 
     rank = args.lora_rank
     if rank is None:
         rank, count = matched_lora_rank(args, source)
         print(f"LoRA rank {rank} matches S2FT's {count:,} trainable parameters")
-    return LoraConfig(
-        task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
-    )
+    return lora_config(rank, PAPER_LORA_TARGETS)
 
 
 # -------------------------------------------------------------------------------------------- training
