@@ -7,8 +7,7 @@ never compute a gradient for the frozen weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -17,37 +16,39 @@ COLUMNS = "in"  # delta of shape (out, |S|) on input columns S
 ROWS = "out"  # delta of shape (|S|, in) on output rows S
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
+    """The dtype to compute in, and whether autocast chose it (and must be switched off around our casts)."""
     if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+        return torch.get_autocast_dtype(x.device.type), True
+    return x.dtype, False
 
 
 def _dim(axis: str) -> int:
     return 1 if axis == COLUMNS else 0
 
 
-@contextmanager
-def merged_weight(weight: torch.Tensor, indices, axes, deltas, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """W with the deltas added, for the duration of one matmul.
+def _merged_matmul(
+    a: torch.Tensor, weight: torch.Tensor, indices, axes, deltas, dtype: torch.dtype, bias=None, *, forward: bool
+):
+    """F.linear(a, W + scatter(deltas), bias) (forward) or a @ (W + scatter(deltas)) (backward).
 
     A skinny extra matmul per delta (x[..., S] delta^T) costs as much as a tenth of the main one on a CPU
-    (its output is as large as the layer's), while adding |S| columns into W and putting the saved
-    originals back costs next to nothing. The originals are restored by copy, not by subtraction, so the
-    base weight is bit for bit unchanged afterwards. `.data` keeps autograd's version counter out of it.
+    (its output is as large as the layer's), while adding |S| columns into W for one matmul and putting the
+    saved originals back costs next to nothing. The originals are restored by copy, not by subtraction, so
+    the base weight is bit for bit unchanged afterwards. `.data` keeps autograd's version counter out of it.
+    Plain functions rather than a context manager: this runs twice per adapted layer and step.
     """
     if weight.dtype != dtype:  # autocast or a half-precision compute: the cast is a fresh copy anyway
         merged = weight.to(dtype)
         for index, axis, delta in zip(indices, axes, deltas, strict=True):
             merged.index_add_(_dim(axis), index, delta.to(dtype))
-        yield merged
-        return
+        return F.linear(a, merged, bias) if forward else a @ merged
     data = weight.data
     originals = [data.index_select(_dim(axis), index) for index, axis in zip(indices, axes, strict=True)]
     try:
         for index, axis, delta in zip(indices, axes, deltas, strict=True):
-            data.index_add_(_dim(axis), index, delta.detach().to(dtype))
-        yield data
+            data.index_add_(_dim(axis), index, delta.detach() if delta.dtype == dtype else delta.detach().to(dtype))
+        return F.linear(a, data, bias) if forward else a @ data
     finally:
         for index, axis, original in zip(indices, axes, originals, strict=True):
             data.index_copy_(_dim(axis), index, original)
@@ -63,11 +64,14 @@ class SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, indices, axes, *deltas):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            with merged_weight(weight, indices, axes, deltas, dtype) as merged:
-                out = F.linear(x2, merged, None if bias is None else bias.to(dtype))
+        dtype, autocast = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.dtype != dtype:
+                x2 = x2.to(dtype)
+            if bias is not None and bias.dtype != dtype:
+                bias = bias.to(dtype)
+            out = _merged_matmul(x2, weight, indices, axes, deltas, dtype, bias, forward=True)
         trains_delta = any(ctx.needs_input_grad[5:])
         ctx.axes, ctx.x_shape, ctx.x_dtype, ctx.dtype = axes, x.shape, x.dtype, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -77,19 +81,23 @@ class SparseDeltaLinear(torch.autograd.Function):
             # Column deltas need only their columns of the input; row deltas need all of it.
             saved_inputs = [x2.index_select(1, i) if a == COLUMNS else x2 for i, a in zip(indices, axes, strict=True)]
         ctx.save_for_backward(weight, *indices, *deltas, *saved_inputs)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         count = len(ctx.axes)
         weight, *rest = ctx.saved_tensors
         indices, deltas, saved_inputs = rest[:count], rest[count : 2 * count], rest[2 * count :]
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        if g.dtype != ctx.dtype:
+            g = g.to(ctx.dtype)
 
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            with merged_weight(weight, indices, ctx.axes, deltas, ctx.dtype) as merged:
-                grad_x = (g @ merged).reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = _merged_matmul(g, weight, indices, ctx.axes, deltas, ctx.dtype, forward=False)
+            grad_x = grad_x.view(ctx.x_shape)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
 
@@ -113,8 +121,8 @@ class MergedBlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, start, stop, axis, delta):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        dtype, autocast = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.x_shape, ctx.dtype, ctx.x_dtype, ctx.has_bias = x.shape, dtype, x.dtype, bias is not None
