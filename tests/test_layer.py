@@ -88,14 +88,19 @@ def test_half_precision_base_with_fp32_delta(dtype):
     assert x.grad.dtype == dtype
 
 
-def test_autocast_bf16():
-    _, layer, _ = _layer(COLUMNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_half_precision(dtype):
+    base, layer, indices = _layer(COLUMNS)
     x = torch.randn(2, 3, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = layer(x)
-    assert out.dtype == torch.bfloat16
+        expected = base(x)  # autocast's own result for the frozen layer, with the delta added below
+    assert out.dtype == dtype
     out.float().sum().backward()
     assert layer.s2ft_delta["default"].grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert layer.s2ft_delta["default"].grad.abs().sum() > 0
+    delta_part = x.detach()[..., indices] @ layer.s2ft_delta["default"].detach().t()
+    torch.testing.assert_close(out.float(), expected.float() + delta_part, atol=0.05, rtol=0.02)
 
 
 def test_in_and_out_features():
