@@ -69,9 +69,8 @@ class SparseDeltaLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.dtype != dtype:
                 x2 = x2.to(dtype)
-            if bias is not None and bias.dtype != dtype:
-                bias = bias.to(dtype)
-            out = _merged_matmul(x2, weight, indices, axes, deltas, dtype, bias, forward=True)
+            compute_bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+            out = _merged_matmul(x2, weight, indices, axes, deltas, dtype, compute_bias, forward=True)
         trains_delta = any(ctx.needs_input_grad[5:])
         ctx.axes, ctx.x_shape, ctx.x_dtype, ctx.dtype = axes, x.shape, x.dtype, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

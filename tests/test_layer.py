@@ -103,6 +103,19 @@ def test_autocast_half_precision(dtype):
     torch.testing.assert_close(out.float(), expected.float() + delta_part, atol=0.05, rtol=0.02)
 
 
+def test_trainable_bias_gets_its_gradient_in_its_own_dtype_under_autocast():
+    base, layer, _ = _layer(COLUMNS)
+    base.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 24)
+    weights = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (out.float() * weights).sum().backward()
+    assert base.bias.grad.dtype == torch.float32
+    expected = weights.to(torch.bfloat16).reshape(-1, 16).sum(0).float()
+    torch.testing.assert_close(base.bias.grad, expected, atol=0.05, rtol=0.02)
+
+
 def test_in_and_out_features():
     base, layer, _ = _layer(COLUMNS)
     assert (layer.in_features, layer.out_features) == (24, 16)
