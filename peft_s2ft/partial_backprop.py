@@ -27,6 +27,15 @@ def _dim(axis: str) -> int:
     return 1 if axis == COLUMNS else 0
 
 
+def _unflatten(out: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """The 2-D result in the input's leading shape, as a tensor of its own rather than a view.
+
+    A view made inside a custom Function cannot be modified in place afterwards, which a plain nn.Linear's
+    output can (`y += residual`); `_unsafe_view` is what torch's own matmul uses for the same reshape.
+    """
+    return torch.ops.aten._unsafe_view(out, (*x_shape[:-1], out.shape[-1]))
+
+
 def _merged_matmul(
     a: torch.Tensor, weight: torch.Tensor, indices, axes, deltas, dtype: torch.dtype, bias=None, *, forward: bool
 ):
@@ -80,7 +89,7 @@ class SparseDeltaLinear(torch.autograd.Function):
             # Column deltas need only their columns of the input; row deltas need all of it.
             saved_inputs = [x2.index_select(1, i) if a == COLUMNS else x2 for i, a in zip(indices, axes, strict=True)]
         ctx.save_for_backward(weight, *indices, *deltas, *saved_inputs)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _unflatten(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -132,7 +141,7 @@ class MergedBlockLinear(torch.autograd.Function):
         if ctx.trains_delta:
             saved_input = [x2[:, start:stop].contiguous() if axis == COLUMNS else x2]
         ctx.save_for_backward(weight, delta, *saved_input)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return _unflatten(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_s2ft.layer import S2FTLayer
-from peft_s2ft.partial_backprop import COLUMNS, ROWS
+from peft_s2ft.partial_backprop import COLUMNS, ROWS, MergedBlockLinear
 
 
 def _saved_bytes(fn) -> tuple[int, object]:
@@ -110,10 +110,32 @@ def test_trainable_bias_gets_its_gradient_in_its_own_dtype_under_autocast():
     weights = torch.randn(2, 3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
+    # The function's own return value: autograd's engine would cast a wrongly typed gradient silently.
+    raw_grads = out.grad_fn.apply(weights.to(out.dtype))
+    assert raw_grads[2].dtype == torch.float32
     (out.float() * weights).sum().backward()
-    assert base.bias.grad.dtype == torch.float32
     expected = weights.to(torch.bfloat16).reshape(-1, 16).sum(0).float()
     torch.testing.assert_close(base.bias.grad, expected, atol=0.05, rtol=0.02)
+
+
+def test_output_can_be_modified_in_place_like_a_plain_linear():
+    base, layer, indices = _layer(COLUMNS)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    out = layer(x)
+    out += 1.0  # e.g. a residual added in place
+    (out * out).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    delta_ref = layer.s2ft_delta["default"].detach().clone().requires_grad_(True)
+    ref = F.linear(x_ref, base.weight.index_add(1, indices, delta_ref), base.bias) + 1.0
+    (ref * ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.s2ft_delta["default"].grad, delta_ref.grad)
+
+    # permute mode's function too
+    block_out = MergedBlockLinear.apply(x, base.weight, base.bias, 0, 5, COLUMNS, delta_ref)
+    block_out += 1.0
+    block_out.sum().backward()
 
 
 def test_in_and_out_features():
