@@ -8,10 +8,12 @@ weights are random with a fixed seed, not the hub's files: the tests compare a m
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 COMMON = dict(
@@ -49,17 +51,21 @@ def build(hf_home: Path) -> None:
     for seed, (repo_id, config) in enumerate(MODELS.items(), start=1234):
         org, name = repo_id.split("/")
         repo = hf_home / "hub" / f"models--{org}--{name}"
-        sha = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex name will do for a local snapshot
+        # A snapshot per (config, transformers version): a changed model is rebuilt rather than reused.
+        key = f"{repo_id}\n{config.to_json_string()}\n{transformers.__version__}\n{seed}"
+        sha = hashlib.sha1(key.encode()).hexdigest()
         snapshot = repo / "snapshots" / sha
-        if (snapshot / "model.safetensors").is_file():
-            continue
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-        model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        model.save_pretrained(snapshot)
+        if not snapshot.is_dir():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+            model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+            staging = snapshot.with_name(snapshot.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(staging)
+            staging.rename(snapshot)  # a snapshot folder exists only complete
+            print(f"built {repo_id} ({type(model).__name__})")
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / "main").write_text(sha)
-        print(f"built {repo_id} ({type(model).__name__})")
 
 
 if __name__ == "__main__":
