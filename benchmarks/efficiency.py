@@ -16,6 +16,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
+def code_version() -> str | None:
+    """The checkout's commit (with "+modified" for uncommitted changes), or None outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        run = {"cwd": repo, "capture_output": True, "text": True, "timeout": 10, "check": True}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+modified" if dirty else "")
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     cpu = platform.processor()
@@ -91,6 +104,8 @@ def machine() -> dict:
     except OSError:
         pass
     found = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+    # Allocator settings change absolute times (page faults), so a record says which were in force.
+    found["malloc_env"] = {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")}
     if torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name()
     return found
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
+        "code_version": code_version(),
         "machine": machine(),
     }
     methods = _split(args.methods)

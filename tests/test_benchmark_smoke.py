@@ -64,6 +64,7 @@ def test_one_record_per_method_with_all_fields(run):
         assert set(FIELDS) <= set(record), set(FIELDS) - set(record)
         assert (record["model"], record["batch"], record["seq_len"]) == ("tiny", 2, 16)
         assert record["step_time_s"] > 0 and record["step_time_s_ratio"] > 0
+        assert isinstance(record["machine"]["malloc_env"], dict) and "code_version" in record
     assert json.loads(json_path.read_text()) == list(by_method.values())
 
 
