@@ -56,7 +56,7 @@ def _merged_matmul(
     originals = [data.index_select(_dim(axis), index) for index, axis in zip(indices, axes, strict=True)]
     try:
         for index, axis, delta in zip(indices, axes, deltas, strict=True):
-            data.index_add_(_dim(axis), index, delta.detach() if delta.dtype == dtype else delta.detach().to(dtype))
+            data.index_add_(_dim(axis), index, delta.detach().to(dtype))
         return F.linear(a, data, bias) if forward else a @ data
     finally:
         for index, axis, original in zip(indices, axes, originals, strict=True):
@@ -75,10 +75,9 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, indices, axes, *deltas):
         dtype, autocast = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            x2 = x.reshape(-1, x.shape[-1])
-            if x2.dtype != dtype:
-                x2 = x2.to(dtype)
-            compute_bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+            # .to() returns the tensor itself when it already has the dtype: no copy on the fp32 path.
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            compute_bias = None if bias is None else bias.to(dtype)
             out = _merged_matmul(x2, weight, indices, axes, deltas, dtype, compute_bias, forward=True)
         trains_delta = any(ctx.needs_input_grad[5:])
         ctx.axes, ctx.x_shape, ctx.x_dtype, ctx.dtype = axes, x.shape, x.dtype, dtype
@@ -96,16 +95,12 @@ class SparseDeltaLinear(torch.autograd.Function):
         count = len(ctx.axes)
         weight, *rest = ctx.saved_tensors
         indices, deltas, saved_inputs = rest[:count], rest[count : 2 * count], rest[2 * count :]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        if g.dtype != ctx.dtype:
-            g = g.to(ctx.dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
 
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _merged_matmul(g, weight, indices, ctx.axes, deltas, ctx.dtype, forward=False)
-            grad_x = grad_x.view(ctx.x_shape)
-            if grad_x.dtype != ctx.x_dtype:
-                grad_x = grad_x.to(ctx.x_dtype)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
 
