@@ -25,10 +25,9 @@ LORA_TARGETS = {
     "lora-all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 LEARNING_RATE = 1e-5
-# Methods that change the base weights (full fine-tuning; co-permutation) get their own copy of them. The
-# others share one frozen copy, so that six 1B-class models are not six times in memory: they leave it as it
-# was after every call (S2FT's default mode adds its delta for one matmul and copies the originals back), and
-# the steps of different methods never overlap.
+# Methods that change the base weights (full fine-tuning; co-permutation, once at set-up) get their own copy of
+# them. The others share one frozen copy, so that six 1B-class models are not six times in memory: they only read
+# it (S2FT's forward and backward never write the base weight).
 WRITES_BASE_WEIGHTS = ("full", "s2ft-permute")
 
 

@@ -1,43 +1,52 @@
-"""Loading an adapter file: check it against the base model, then make the model's layers match it.
+"""Loading an adapter: read the file safely, check it against the base model, make the layers match it.
 
 The file is the truth about the selection (indices in original coordinates): the config's seed or a
-weight-based strategy may pick differently on this copy of the base model, and a global allocation
-may spread units over other layers.
+weight-based strategy may pick differently on this copy of the base model, and a global allocation may
+spread units over other layers. Every load path runs the same checks before a single tensor is copied:
+
+- `PeftModel.from_pretrained`, `PeftModel.load_adapter`, `AutoPeftModel*`: the config read by
+  `S2FTConfig.from_pretrained` knows where its adapter file is, so injection reads and checks the file first
+  (`AdapterSource.read`, `check_checkpoint`) and builds exactly its layers; a refused file leaves the model
+  untouched.
+- PEFT's `set_peft_model_state_dict` (also after the above): `S2FTModel._remap_adapter_state_dict_for_load`
+  calls `conform_model_to_checkpoint`.
+- transformers' `model.load_adapter` loads through `_load_pretrained_model` and never calls that hook; a one-call
+  bridge installed at injection (`LoadAdapterBridge`) runs the same checks there and undoes the injection when
+  the file is refused.
+- torch's `load_state_dict` (also a user's own): `S2FTLayer._load_from_state_dict` calls `conform_layer_to_entries`.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+from dataclasses import dataclass, field
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from .config import S2FTConfig
-from .layer import S2FTLayer
-from .partial_backprop import COLUMNS
+from . import permutation
+from .layer import S2FTLayer, attach
+from .partial_backprop import COLUMNS, ROWS
 from .peft_type import PREFIX
-from .structures import ATTENTION_NAMES, FFN_NAMES, discover_structure
+from .structures import ATTENTION_NAMES, FFN_NAMES, base_layer_of, discover_structure
 
 DELTA, INDICES = f"{PREFIX}delta", f"{PREFIX}indices"
 CHECKPOINT_PREFIX = "base_model.model."
+AXIS_OF_ROLE = {"o_proj": COLUMNS, "down_proj": COLUMNS, "v_proj": ROWS, "up_proj": ROWS}
 
 
 class AdapterMismatchError(ValueError):
-    """The adapter file does not fit this base model."""
+    """The adapter file does not fit this base model, or is not a well-formed S2FT adapter."""
 
 
 def refuse_module_like_adapter_names(peft_config: dict) -> None:
     """Adapter names equal to a module path segment silently truncate saved checkpoints (PEFT #3584)."""
-    reserved = {
-        "model",
-        "layers",
-        "self_attn",
-        "mlp",
-        "base_layer",
-        *ATTENTION_NAMES,
-        *FFN_NAMES,
-        DELTA,
-        INDICES,
-    }
+    reserved = {"model", "layers", "self_attn", "mlp", "base_layer", *ATTENTION_NAMES, *FFN_NAMES, DELTA, INDICES}
     for name in peft_config:
         if name in reserved:
             raise ValueError(
@@ -46,15 +55,96 @@ def refuse_module_like_adapter_names(peft_config: dict) -> None:
             )
 
 
-def _root(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """The transformers model inside, and the active adapters (when wrapped by PEFT)."""
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, BaseTuner):
-        return tuner.model, tuner.active_adapters
-    return model, []
+# --------------------------------------------------------------------------------------------------
+# reading the file
+@dataclass
+class AdapterSource:
+    """Where an adapter's config was read from, so its weights file can be read before injection."""
+
+    model_id: str
+    subfolder: str | None = None
+    download_kwargs: dict = field(default_factory=dict)
+
+    def read(self) -> dict[str, torch.Tensor] | None:
+        """The adapter's tensors, or None when the folder holds no weights file (a config on its own)."""
+        folder = os.path.join(self.model_id, self.subfolder) if self.subfolder else self.model_id
+        if os.path.isdir(folder):
+            safetensors_file, pickle_file = (os.path.join(folder, n) for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME))
+            if os.path.isfile(safetensors_file):
+                return read_safetensors(safetensors_file)
+            if os.path.isfile(pickle_file):
+                return read_pickle(pickle_file)
+            return None
+        return self._read_from_hub()
+
+    def _read_from_hub(self) -> dict[str, torch.Tensor] | None:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        kwargs = {k: v for k, v in self.download_kwargs.items() if v is not None}
+        if constants.HF_HUB_OFFLINE:
+            kwargs["local_files_only"] = True
+        try:
+            path = hf_hub_download(self.model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=self.subfolder, **kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+            path = None
+        if path is not None:
+            return read_safetensors(path)
+        try:
+            path = hf_hub_download(self.model_id, WEIGHTS_NAME, subfolder=self.subfolder, **kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+            return None
+        return read_pickle(path)
 
 
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise AdapterMismatchError(
+            f"Adapter file '{path}' is not a complete safetensors file ({error}); it may have been truncated by an "
+            "interrupted download or save. Download or save it again."
+        ) from error
+
+
+def read_pickle(path: str) -> dict[str, torch.Tensor]:
+    """A pickled adapter (`save_pretrained(safe_serialization=False)`), through torch's weights-only unpickler.
+
+    That unpickler rebuilds tensors and plain containers and refuses everything else before calling it, so a
+    file that would run code when unpickled is refused with nothing in it executed.
+    """
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise AdapterMismatchError(
+            f"Adapter file '{path}' is a pickle holding objects other than tensors; peft_s2ft refused it, and nothing "
+            f"in it was executed. Save adapters with safetensors (the default of save_pretrained). ({error})"
+        ) from error
+    except (EOFError, RuntimeError) as error:
+        raise AdapterMismatchError(
+            f"Adapter file '{path}' is not a complete pickle of tensors ({error}); save or download it again."
+        ) from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AdapterMismatchError(f"Adapter file '{path}' does not hold a dict of tensors.")
+    return state_dict
+
+
+def read_checkpoint_files(files: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the files transformers resolved (it may name a safetensors file that is not there)."""
+    state_dict = {}
+    for path in map(str, files):
+        if path.endswith(".safetensors") and not os.path.isfile(path):
+            path = os.path.join(os.path.dirname(path), WEIGHTS_NAME)  # what transformers would fall back to
+        if not os.path.isfile(path):
+            raise AdapterMismatchError(f"No adapter weights file at '{path}'.")
+        state_dict.update(read_safetensors(path) if path.endswith(".safetensors") else read_pickle(path))
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# checking
 def _entries(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Module path (relative to the transformers model) -> {"s2ft_delta": ..., "s2ft_indices": ...}."""
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         for kind in (DELTA, INDICES):
@@ -64,113 +154,228 @@ def _entries(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return entries
 
 
-def _check(root: nn.Module, entries: dict[str, dict[str, torch.Tensor]]) -> dict[str, str]:
-    """Validate every layer of the file; return path -> axis. Raises before anything is modified."""
+def check_entry(
+    where: str, in_features: int, out_features: int, axis: str, indices: torch.Tensor, delta: torch.Tensor | None
+) -> torch.Tensor:
+    """Validate one layer's indices and delta; return the indices as int64 on the CPU."""
+    if not isinstance(indices, torch.Tensor) or indices.ndim != 1 or len(indices) == 0:
+        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise AdapterMismatchError(f"Adapter file: layer '{where}' has malformed indices {shape}.")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise AdapterMismatchError(
+            f"Adapter file: layer '{where}' has indices of dtype {indices.dtype}; S2FT indices are integers."
+        )
+    indices = indices.detach().cpu().long()
+    limit = in_features if axis == COLUMNS else out_features
+    if int(indices.min()) < 0 or int(indices.max()) >= limit:
+        raise AdapterMismatchError(
+            f"Adapter file: layer '{where}' has indices from {int(indices.min())} up to {int(indices.max())}, but the "
+            f"base model's layer has only {limit} {'input columns' if axis == COLUMNS else 'output rows'}."
+        )
+    if len(torch.unique(indices)) != len(indices):
+        raise AdapterMismatchError(f"Adapter file: layer '{where}' has duplicate indices.")
+    if delta is not None:
+        expected = (out_features, len(indices)) if axis == COLUMNS else (len(indices), in_features)
+        if tuple(delta.shape) != expected:
+            raise AdapterMismatchError(
+                f"Adapter file: layer '{where}' has a delta of shape {tuple(delta.shape)}, but its {len(indices)} "
+                f"indices on this base model need {expected}; the adapter was made for a model of another size."
+            )
+        if not delta.is_meta and not torch.isfinite(delta).all():
+            raise AdapterMismatchError(f"Adapter file: layer '{where}' has non-finite values (NaN, inf) in its delta.")
+    return indices
+
+
+def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+    """Validate every S2FT layer of a file against `root`; return path -> (axis, indices). Modifies nothing."""
+    entries = _entries(state_dict)
+    if not entries:
+        return {}
     structure = discover_structure(root)
-    axes = {}
+    checked = {}
     for path, found in entries.items():
         missing = {DELTA, INDICES} - set(found)
         if missing:
             raise AdapterMismatchError(f"Adapter file: layer '{path}' has no {sorted(missing)[0]} entry.")
         role = structure.role_of(path)
-        if role is None or role[0] not in ("o_proj", "down_proj", "v_proj", "up_proj"):
+        if role is None or role[0] not in AXIS_OF_ROLE:
             raise AdapterMismatchError(
                 f"Adapter file: layer '{path}' is not an output/down/value/up projection of this base model "
                 f"({type(root).__name__}); the adapter was made for another model."
             )
-        linear = root.get_submodule(path)
-        while hasattr(linear, "base_layer"):
-            linear = linear.base_layer
-        axis = COLUMNS if role[0] in ("o_proj", "down_proj") else "out"
-        indices, delta = found[INDICES], found[DELTA]
-        limit = linear.in_features if axis == COLUMNS else linear.out_features
-        if indices.ndim != 1 or indices.dtype.is_floating_point or len(indices) == 0:
-            raise AdapterMismatchError(f"Adapter file: layer '{path}' has malformed indices {tuple(indices.shape)}.")
-        if int(indices.min()) < 0 or int(indices.max()) >= limit:
-            raise AdapterMismatchError(
-                f"Adapter file: layer '{path}' has indices up to {int(indices.max())}, but the base model's layer "
-                f"has only {limit} {'input columns' if axis == COLUMNS else 'output rows'}."
-            )
-        if len(torch.unique(indices)) != len(indices):
-            raise AdapterMismatchError(f"Adapter file: layer '{path}' has duplicate indices.")
-        expected = (linear.out_features, len(indices)) if axis == COLUMNS else (len(indices), linear.in_features)
-        if tuple(delta.shape) != expected:
-            raise AdapterMismatchError(
-                f"Adapter file: layer '{path}' has a delta of shape {tuple(delta.shape)}, but this base model "
-                f"needs {expected}; the adapter was made for a model of another size."
-            )
-        axes[path] = axis
-    return axes
+        axis = AXIS_OF_ROLE[role[0]]
+        linear = base_layer_of(root.get_submodule(path))
+        indices = check_entry(path, linear.in_features, linear.out_features, axis, found[INDICES], found[DELTA])
+        checked[path] = (axis, indices)
+    return checked
 
 
+def _root(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel, or the model itself (adapter injected directly)."""
+    tuner = getattr(model, "base_model", None)
+    return tuner.model if isinstance(tuner, BaseTuner) else model
+
+
+# --------------------------------------------------------------------------------------------------
+# making the layers fit the file
 def conform_model_to_checkpoint(
-    model: nn.Module, config: S2FTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Make `adapter_name`'s layers train exactly the file's indices; return the state dict to load."""
-    from . import permutation
-    from .model import attach
+    """Make `adapter_name`'s layers train exactly the file's indices; return the state dict to load.
 
-    root, active = _root(model)
-    entries = _entries(state_dict)
-    try:
-        _check(root, entries)
-    except AdapterMismatchError:
-        # Loading injected this adapter's layers before reading the file: take them out again, so the
-        # caller's model is left with the modules and weights it had.
-        _remove_adapter_everywhere(root, adapter_name, config)
-        raise
-    if not entries:
+    Everything is checked before the first module changes, so a refused file leaves the model as it was.
+    """
+    root = _root(model)
+    checked = check_checkpoint(root, state_dict)
+    if not checked:
         return state_dict
-
-    if config.permute:
-        permutation.unpermute_model(root)
     current = {
-        name
+        name: module
         for name, module in root.named_modules()
         if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta
     }
-    for path, found in entries.items():
-        indices = found[INDICES].long().cpu()
-        module = root.get_submodule(path)
-        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
-            if not torch.equal(module.s2ft_indices[adapter_name].cpu(), indices):
+    same_selection = set(current) == set(checked) and all(
+        set(current[path].selected(adapter_name).tolist()) == set(indices.tolist())
+        for path, (_, indices) in checked.items()
+    )
+    if not same_selection:
+        if config.permute:
+            permutation.check_permutable(root)
+            permutation.check_contiguous(root, checked)
+            permutation.unpermute_model(root)
+        active = next(iter(current.values())).active_adapters if current else [adapter_name]
+        for path, (axis, indices) in checked.items():
+            module = root.get_submodule(path)
+            if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
                 module.resize_adapter(adapter_name, indices)
-        else:
-            parent_path, _, child = path.rpartition(".")
-            layer = attach(root.get_submodule(parent_path), child, adapter_name, indices, init_weights=True)
-            layer.set_adapter(active or [adapter_name], inference_mode=config.inference_mode)
-    for path in current - set(entries):
-        _remove_adapter(root, path, adapter_name)
-    if not config.permute:
-        return state_dict
+            else:
+                parent_path, _, child = path.rpartition(".")
+                layer = attach(root.get_submodule(parent_path), child, adapter_name, axis, indices, init_weights=True)
+                layer.set_adapter(active, inference_mode=config.inference_mode)
+        for path in set(current) - set(checked):
+            remove_layer_adapter(root, path, adapter_name)
+        if config.permute:
+            permutation.permute_model(root, adapter_name)
+    return _aligned_to_layers(root, adapter_name, state_dict, checked)
 
-    permutation.permute_model(root, adapter_name)
+
+def _aligned_to_layers(root, adapter_name, state_dict, checked) -> dict[str, torch.Tensor]:
+    """The file's deltas and indices in the order the layers hold them (a permute-mode block has its own)."""
     aligned = dict(state_dict)
     for key in state_dict:
         if key.endswith("." + DELTA):
             path = key[: -len(DELTA) - 1].removeprefix(CHECKPOINT_PREFIX)
-            layer = root.get_submodule(path)
-            file_indices = entries[path][INDICES].long()
-            layer_indices = layer.s2ft_indices[adapter_name].cpu()
-            dim = 1 if layer.axis == COLUMNS else 0
-            aligned[key] = permutation._align(state_dict[key], file_indices, layer_indices, dim)
-            aligned[key[: -len(DELTA)] + INDICES] = layer_indices.to(state_dict[key].device)
+            layer, file_indices = root.get_submodule(path), checked[path][1]
+            layer_indices = layer.selected(adapter_name)
+            if not torch.equal(layer_indices, file_indices):
+                aligned[key] = permutation.align(state_dict[key], file_indices, layer_indices, layer.dim)
+                aligned[key[: -len(DELTA)] + INDICES] = layer_indices.to(state_dict[key].device)
     return aligned
 
 
-def _remove_adapter(root: nn.Module, path: str, adapter_name: str) -> None:
+def conform_layer_to_entries(layer: S2FTLayer, state_dict: dict, prefix: str) -> None:
+    """A torch-level load of this layer's adapter tensors: check them, resize the adapter to the file's selection.
+
+    Called before the tensors are copied. In permute mode the block's position in the co-permuted weight is fixed:
+    a different set of indices there is refused (PEFT's loaders re-permute the model instead).
+    """
+    names = {
+        key[len(prefix) :].split(".", 1)[1]
+        for key in state_dict
+        if key.startswith(prefix + DELTA + ".") or key.startswith(prefix + INDICES + ".")
+    }
+    where = prefix.removesuffix(".").removeprefix(CHECKPOINT_PREFIX)
+    for name in names:
+        if name not in layer.s2ft_delta:
+            continue  # an adapter this layer does not have: torch reports the unexpected keys
+        index_key, delta_key = f"{prefix}{INDICES}.{name}", f"{prefix}{DELTA}.{name}"
+        delta = state_dict.get(delta_key)
+        raw = state_dict.get(index_key)
+        if raw is None:
+            check_entry(where, layer.in_features, layer.out_features, layer.axis, layer.selected(name), delta)
+            continue
+        indices = check_entry(where, layer.in_features, layer.out_features, layer.axis, raw, delta)
+        current = layer.selected(name)
+        if not torch.equal(current, indices):
+            if layer.block_range is None:
+                layer.resize_adapter(name, indices)
+            elif set(current.tolist()) == set(indices.tolist()):
+                # Same selection in another order: present the file's tensors in the block's order.
+                if delta is not None:
+                    state_dict[delta_key] = permutation.align(delta, indices, current, layer.dim)
+                indices = current
+            else:
+                raise AdapterMismatchError(
+                    f"Adapter file: layer '{where}' selects other units than the co-permuted block of this "
+                    "permute-mode model. Load it with PeftModel.from_pretrained / load_adapter, which re-permute."
+                )
+        state_dict[index_key] = indices.to(layer.s2ft_indices[name].device)
+
+
+# --------------------------------------------------------------------------------------------------
+# taking an adapter out again
+def remove_layer_adapter(root: nn.Module, path: str, adapter_name: str) -> None:
     layer = root.get_submodule(path)
     layer.delete_adapter(adapter_name)
     if not layer.s2ft_delta:
         parent_path, _, child = path.rpartition(".")
-        setattr(root.get_submodule(parent_path), child, layer.get_base_layer())
+        setattr(root.get_submodule(parent_path) if parent_path else root, child, layer.get_base_layer())
 
 
-def _remove_adapter_everywhere(root: nn.Module, adapter_name: str, config: S2FTConfig) -> None:
-    from . import permutation
-
-    if config.permute:
+def undo_injection(root: nn.Module, adapter_name: str, requires_grad: dict[int, bool]) -> None:
+    """Take `adapter_name`'s co-permutation and layers out of `root` and restore its `requires_grad` flags."""
+    layers = [m for m in root.modules() if isinstance(m, S2FTLayer)]
+    if any(layer.permutation and adapter_name in layer.s2ft_delta for layer in layers):
+        # Permute mode allows one adapter per model: these permutations are the removed adapter's.
         permutation.unpermute_model(root)
     for path, module in list(root.named_modules()):
         if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
-            _remove_adapter(root, path, adapter_name)
+            remove_layer_adapter(root, path, adapter_name)
+    for param in root.parameters():
+        if id(param) in requires_grad:
+            param.requires_grad_(requires_grad[id(param)])
+
+
+def snapshot_requires_grad(root: nn.Module) -> dict[int, bool]:
+    return {id(p): p.requires_grad for p in root.parameters()}
+
+
+class LoadAdapterBridge:
+    """transformers' `model.load_adapter` runs the checks of `conform_model_to_checkpoint` through this.
+
+    transformers injects the layers from the config and then loads the file with `model._load_pretrained_model`,
+    which never calls the tuner's remap hook. Installed as that attribute on the model instance when an S2FT adapter
+    is injected directly (not through a PeftModel), it handles the next call only: reads the file (safetensors, or a
+    pickle through torch's weights-only unpickler), checks it, makes the layers fit it, and on any failure takes the
+    adapter out again, config entry included, before re-raising.
+    """
+
+    def __init__(self, adapter_name: str, requires_grad: dict[int, bool]) -> None:
+        self.adapter_name = adapter_name
+        self.requires_grad = requires_grad
+
+    def install(self, model: nn.Module) -> None:
+        model.__dict__["_load_pretrained_model"] = self
+
+    def __call__(self, model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        if model.__dict__.get("_load_pretrained_model") is self:
+            del model.__dict__["_load_pretrained_model"]
+        load = type(model)._load_pretrained_model
+        marker = f".{DELTA}.{self.adapter_name}"
+        if not any(key.endswith(marker) for key in expected_keys or ()):
+            return load(model, state_dict, checkpoint_files, load_config, expected_keys)  # another adapter's load
+        try:
+            if state_dict is None:
+                state_dict = read_checkpoint_files(checkpoint_files or [])
+            config = model.peft_config[self.adapter_name]
+            state_dict = conform_model_to_checkpoint(model, config, self.adapter_name, state_dict)
+            expected_keys = [n for n, _ in model.named_parameters() if self.adapter_name in n or PREFIX in n]
+            with permutation.state_dict_in_stored_order():
+                return load(model, state_dict, None, load_config, expected_keys)
+        except BaseException:
+            undo_injection(model, self.adapter_name, self.requires_grad)
+            model.peft_config.pop(self.adapter_name, None)
+            if not model.peft_config:  # it was the model's first adapter: back to transformers' defaults
+                del model.peft_config
+                vars(model).pop("_hf_peft_config_loaded", None)
+            raise

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from .peft_type import S2FTPeftType
 
@@ -72,7 +75,10 @@ class S2FTConfig(PeftConfig):
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed of the selection. It does not touch torch's global random state."},
+        metadata={
+            "help": "Seed of the selection. It does not touch torch's global random state. A config read from an "
+            "adapter folder (S2FTConfig.from_pretrained) takes that adapter's selection from its file instead."
+        },
     )
     train_v: bool = field(
         default=False,
@@ -168,3 +174,45 @@ class S2FTConfig(PeftConfig):
             fail("allocation", f"unknown allocation; choose one of {', '.join(ALLOCATIONS)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             fail("layers_pattern", "only has an effect together with layers_to_transform.")
+        if self.train_v and self.attention_off:
+            fail("train_v", "trains the value rows of the selected heads, but this config selects no heads.")
+        if self.train_up and self.ffn_off:
+            fail("train_up", "trains the up rows of the selected channels, but this config selects no channels.")
+
+    @property
+    def attention_off(self) -> bool:
+        """True when no budget can select a head."""
+        return self.heads_per_layer == 0 or (
+            self.heads_per_layer is None and self.head_ratio is None and self.attention_share == 0
+        )
+
+    @property
+    def ffn_off(self) -> bool:
+        """True when no budget can select an FFN channel."""
+        return self.channels_per_layer == 0 or (
+            self.channels_per_layer is None and self.channel_ratio is None and self.attention_share == 1
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, remembering where the adapter lives so injection can follow its file's selection."""
+        from .checkpoint import AdapterSource
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, S2FTConfig):
+            download_kwargs, _, _ = cls._split_kwargs(kwargs)
+            download_kwargs.pop("subfolder", None)
+            config._adapter_source = AdapterSource(str(pretrained_model_name_or_path), subfolder, download_kwargs)
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's writer, into a temporary folder beside the target, then renamed over the old file."""
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".s2ft-config-", dir=save_directory)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+        finally:
+            for name in os.listdir(staging):
+                os.remove(os.path.join(staging, name))
+            os.rmdir(staging)

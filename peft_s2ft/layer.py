@@ -9,19 +9,20 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .partial_backprop import COLUMNS, ROWS, MergedBlockLinear, SparseDeltaLinear
+from .partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
 
 
 class S2FTLayer(nn.Module, BaseTunerLayer):
     """Wraps the base linear layer; `s2ft_delta[name]` is the trainable block, `s2ft_indices[name]` its
     columns (axis "in") or rows (axis "out") in the model's ORIGINAL coordinates.
 
-    In the default mode the base weight is never touched. In permute mode (see permutation.py) the
-    weight is co-permuted so the block sits at `block_range` and is kept merged into the weight.
+    The base weight is only read by the forward and backward. In permute mode (see permutation.py) the coupled
+    weights are co-permuted once, so the block's columns sit contiguously at `block_range`. Merging writes the
+    deltas into the weight and keeps the columns it overwrote, so unmerging restores them bit for bit.
     """
 
     adapter_layer_names = ("s2ft_delta",)
-    other_param_names = ("s2ft_indices", "s2ft_original_block")
+    other_param_names = ("s2ft_indices", "s2ft_merge_backup")
 
     def __init__(
         self,
@@ -32,18 +33,22 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         init_weights: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"S2FT adapts nn.Linear layers only, got {type(base_layer).__name__}.")
+        if isinstance(base_layer, BaseTunerLayer) or not isinstance(base_layer, nn.Linear):
+            kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"
+            raise TypeError(f"S2FT adapts plain torch.nn.Linear layers only, got {kind}.")
         self.base_layer = base_layer
         self.axis = axis
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.s2ft_delta = nn.ParameterDict({})
         self.s2ft_indices = BufferDict({}, persistent=True)
-        # Permute mode only: the pre-trained values of the block, to present and restore the base.
-        self.s2ft_original_block = BufferDict({}, persistent=False)
-        self.block_range: tuple[int, int] | None = None
+        # The weight's columns (rows) as they were before each merged adapter was merged in.
+        self.s2ft_merge_backup = BufferDict({}, persistent=False)
+        # CPU copies of the indices: the buffers above lose their values when a model built on the meta device
+        # is materialized with `to_empty`; see `_apply`.
+        self._index_master: dict[str, torch.Tensor] = {}
+        self._init_weights: dict[str, bool] = {}
+        self.block_range: tuple[int, int] | None = None  # permute mode: where the block sits in the weight
         self.permutation = None  # set by permutation.py when this layer owns a co-permutation
-        self._block_synced = False  # permute mode: the block holds original + delta
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -51,6 +56,15 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------
     # adapters
+    @property
+    def dim(self) -> int:
+        """The weight dimension the deltas index: 1 for columns, 0 for rows."""
+        return 1 if self.axis == COLUMNS else 0
+
+    @property
+    def index_limit(self) -> int:
+        return self.in_features if self.axis == COLUMNS else self.out_features
+
     def delta_shape(self, num_selected: int) -> tuple[int, int]:
         return (self.out_features, num_selected) if self.axis == COLUMNS else (num_selected, self.in_features)
 
@@ -62,136 +76,159 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         inference_mode: bool = False,
     ) -> None:
         weight = self.get_base_layer().weight
-        limit = self.in_features if self.axis == COLUMNS else self.out_features
-        indices = torch.as_tensor(indices, dtype=torch.long).clone()  # own storage, not a slice of one
+        indices = self._checked_indices(adapter_name, indices)
+        delta = torch.zeros(self.delta_shape(len(indices)), dtype=weight.dtype, device=weight.device)
+        self._init_weights[adapter_name] = init_weights
+        # Adapters follow the base weight's dtype; PEFT upcasts half precision later unless told not to.
+        self.s2ft_delta[adapter_name] = nn.Parameter(delta)
+        self._initialize_delta(adapter_name)
+        self._set_indices(adapter_name, indices)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _checked_indices(self, adapter_name: str, indices) -> torch.Tensor:
+        indices = torch.as_tensor(indices).cpu()
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(f"S2FT indices for adapter '{adapter_name}' must be integers, got {indices.dtype}.")
+        indices = indices.long().clone()  # own storage, not a slice of one
+        limit = self.index_limit
         if indices.ndim != 1 or len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= limit:
             raise ValueError(
                 f"S2FT indices for adapter '{adapter_name}' must be a non-empty 1-D range in [0, {limit})."
             )
         if len(torch.unique(indices)) != len(indices):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' contain duplicates.")
-        shape = self.delta_shape(len(indices))
-        # Adapters follow the base weight's dtype; PEFT upcasts half precision later unless told not to.
-        delta = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        if not init_weights:
-            delta.normal_(std=0.1)
-        self.s2ft_delta[adapter_name] = nn.Parameter(delta)
-        self.s2ft_indices[adapter_name] = indices.to(weight.device)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        return indices
+
+    def selected(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's indices as a CPU tensor; real values also while the layer is on the meta device."""
+        return self._index_master[adapter_name]
+
+    def _set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
+        self._index_master[adapter_name] = indices
+        self.s2ft_indices[adapter_name] = indices.to(self.get_base_layer().weight.device)
+
+    def _initialize_delta(self, adapter_name: str) -> None:
+        delta = self.s2ft_delta[adapter_name]
+        if delta.is_meta:
+            return
+        with torch.no_grad():
+            if self._init_weights[adapter_name]:
+                delta.zero_()
+            else:
+                delta.normal_(std=0.1)
 
     def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Give an adapter another selection (loading a file whose indices differ from the config's)."""
+        indices = self._checked_indices(adapter_name, indices)
         param = self.s2ft_delta[adapter_name]
-        shape = self.delta_shape(len(indices))
         self.s2ft_delta[adapter_name] = nn.Parameter(
-            torch.zeros(shape, dtype=param.dtype, device=param.device), requires_grad=param.requires_grad
+            torch.zeros(self.delta_shape(len(indices)), dtype=param.dtype, device=param.device),
+            requires_grad=param.requires_grad,
         )
-        self.s2ft_indices[adapter_name] = torch.as_tensor(
-            indices, dtype=torch.long, device=self.get_base_layer().weight.device
-        )
+        self._set_indices(adapter_name, indices)
 
-    def _dim(self) -> int:
-        return 1 if self.axis == COLUMNS else 0
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._index_master.pop(adapter_name, None)
+        self._init_weights.pop(adapter_name, None)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep indices and fresh deltas meaningful through `to_empty` (meta-device construction).
+
+        `to_empty` gives every tensor uninitialized memory. Indices are restored from their CPU copies; a delta
+        that was created on the meta device gets its initial value (zero, or random with init_weights=False).
+        """
+        was_meta = {name: delta.is_meta for name, delta in self.s2ft_delta.items()}
+        result = super()._apply(fn, recurse)
+        for name in list(self.s2ft_indices.keys()):
+            device = self.s2ft_indices[name].device
+            if device.type != "meta":
+                self.s2ft_indices[name] = self._index_master[name].to(device)
+        for name, delta in self.s2ft_delta.items():
+            if was_meta.get(name) and not delta.is_meta:
+                self._initialize_delta(name)
+        return result
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense (out, in) delta against the ORIGINAL base weight (also in permute mode), for export."""
         weight = self.get_base_layer().weight
         delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
         dense = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        return dense.index_copy_(self._dim(), self.s2ft_indices[adapter_name].to(weight.device), delta)
+        return dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(weight.device), delta)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # A delta on |S| columns (rows) has rank <= |S|: a LoRA of that rank reproduces it exactly.
         return True
 
-    def current_indices(self, adapter_name: str) -> torch.Tensor:
-        """Indices in the weight as it is stored now (original, or co-permuted in permute mode)."""
-        if self.block_range is None:
-            return self.s2ft_indices[adapter_name]
-        start, stop = self.block_range
-        return torch.arange(start, stop, device=self.s2ft_indices[adapter_name].device)
+    def location(self, adapter_name: str) -> tuple[tuple[int, int] | None, torch.Tensor]:
+        """Where the adapter's block sits in the weight as stored now: a range (permute mode) or its indices."""
+        return self.block_range, self.s2ft_indices[adapter_name]
 
     # ----------------------------------------------------------------------------------------------
-    # merging (PEFT contract)
+    # merging (PEFT contract): write the block in, keep what it overwrote, restore that by copy
+    def _read_block(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        where, index = self.location(adapter_name)
+        if where is not None:
+            return weight.narrow(self.dim, where[0], where[1] - where[0]).clone()
+        return weight.index_select(self.dim, index.to(weight.device))
+
+    def _write_block(self, weight: torch.Tensor, adapter_name: str, values: torch.Tensor) -> None:
+        where, index = self.location(adapter_name)
+        if where is not None:
+            weight.narrow(self.dim, where[0], where[1] - where[0]).copy_(values)
+        else:
+            weight.index_copy_(self.dim, index.to(weight.device), values)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
+        weight = self.get_base_layer().weight.data
         for name in adapter_names:
             if name not in self.s2ft_delta:
                 continue
-            if self.block_range is not None:
-                self.restore_block()  # the block is merged from W0, whatever training left in it
-            delta = self.s2ft_delta[name].detach().to(weight.dtype)
-            index = self.current_indices(name).to(weight.device)
-            if safe_merge:
-                merged = weight.data.clone().index_add_(self._dim(), index, delta)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                weight.data.copy_(merged)
-            else:
-                weight.data.index_add_(self._dim(), index, delta)
+            original = self._read_block(weight, name)
+            delta = self.s2ft_delta[name].detach()
+            # Added in the wider of the two dtypes and rounded once.
+            wide = torch.promote_types(weight.dtype, delta.dtype)
+            merged = (original.to(wide) + delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            self._write_block(weight, name, merged)
+            self.s2ft_merge_backup[name] = original
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        weight = self.get_base_layer().weight
+        weight = self.get_base_layer().weight.data
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name in self.s2ft_delta:
-                delta = self.s2ft_delta[name].detach().to(weight.dtype)
-                weight.data.index_add_(self._dim(), self.current_indices(name).to(weight.device), -delta)
-        if self.block_range is not None:
-            self.restore_block()
-
-    # ----------------------------------------------------------------------------------------------
-    # permute mode: the block lives merged in the weight
-    def restore_block(self) -> None:
-        """Put the pre-trained values back into the block (permute mode)."""
-        (name,) = self.s2ft_original_block.keys()
-        start, stop = self.block_range
-        self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start).copy_(self.s2ft_original_block[name])
-        self._block_synced = False
-
-    def _sync_block(self, name: str) -> None:
-        """Write original + delta into the block.
-
-        Done on every forward: optimizers' foreach kernels do not bump a parameter's version counter, so
-        there is no reliable way to tell whether the delta moved. The copy is |block| elements, tiny next
-        to the matmul that follows.
-        """
-        start, stop = self.block_range
-        block = self.get_base_layer().weight.data.narrow(self._dim(), start, stop - start)
-        torch.add(self.s2ft_original_block[name], self.s2ft_delta[name].detach().to(block.dtype), out=block)
-        self._block_synced = True
+            self._write_block(weight, name, self.s2ft_merge_backup[name].to(weight.device))
+            del self.s2ft_merge_backup[name]
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            if self.block_range is not None and self._block_synced:
-                self.restore_block()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
-        if not active:
-            if self.block_range is not None and self._block_synced:
-                self.restore_block()
+        if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        if self.block_range is not None:
-            (name,) = active
-            self._sync_block(name)
-            start, stop = self.block_range
-            return MergedBlockLinear.apply(x, base.weight, base.bias, start, stop, self.axis, self.s2ft_delta[name])
-        indices = tuple(self.s2ft_indices[name] for name in active)
-        axes = (self.axis,) * len(active)
-        return SparseDeltaLinear.apply(
-            x, base.weight, base.bias, indices, axes, *(self.s2ft_delta[name] for name in active)
-        )
+        # Permute mode has one adapter, whose block sits at a contiguous range; otherwise each adapter's indices.
+        spec = tuple((self.axis, self.block_range) for _ in active)
+        deltas = [self.s2ft_delta[name] for name in active]
+        indices = [] if self.block_range is not None else [self.s2ft_indices[name] for name in active]
+        return SparseDeltaLinear.apply(x, base.weight, base.bias, spec, *deltas, *indices)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Every torch-level load (also a user's own `load_state_dict`) passes here before the adapter tensors are
+        # copied: check them against this layer and make the layer fit the file's selection.
+        from .checkpoint import conform_layer_to_entries
+
+        conform_layer_to_entries(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()
@@ -200,4 +237,17 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         return f"axis={'columns' if self.axis == COLUMNS else 'rows'}"
 
 
-__all__ = ["S2FTLayer", "COLUMNS", "ROWS"]
+def attach(
+    parent: nn.Module, child_name: str, adapter_name: str, axis: str, indices: torch.Tensor, init_weights: bool
+) -> S2FTLayer:
+    """Wrap the linear `parent.<child_name>` (or add an adapter to its S2FT layer) training `indices`."""
+    target = getattr(parent, child_name)
+    if isinstance(target, S2FTLayer):
+        target.update_layer(adapter_name, indices, init_weights)
+        return target
+    layer = S2FTLayer(target, adapter_name, axis, indices, init_weights)
+    setattr(parent, child_name, layer)
+    return layer
+
+
+__all__ = ["S2FTLayer", "COLUMNS", "ROWS", "attach"]

@@ -2,72 +2,118 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from . import checkpoint, permutation
 from .config import S2FTConfig
-from .layer import S2FTLayer
+from .layer import S2FTLayer, attach
 from .partial_backprop import COLUMNS, ROWS
 from .peft_type import PREFIX
 from .selection import select_units
-from .structures import COLUMN_TRAINED, ROW_TRAINED, ModelStructure, discover_structure
+from .structures import COLUMN_TRAINED, ROW_TRAINED, ModelStructure, base_layer_of, discover_structure
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TRAINABLE_NAMES = COLUMN_TRAINED + ROW_TRAINED
-AXIS_OF = {**dict.fromkeys(COLUMN_TRAINED, COLUMNS), **dict.fromkeys(ROW_TRAINED, ROWS)}
+ATTENTION_TRAINED, FFN_TRAINED = ("o_proj", "v_proj"), ("down_proj", "up_proj")
+FLAG_OF = {"v_proj": "train_v", "up_proj": "train_up"}
+
+# module path -> (axis, indices in original coordinates)
+Plan = dict[str, tuple[str, torch.Tensor]]
 
 
 def default_target_modules(config: S2FTConfig) -> set[str]:
     """The module kinds an adapter may train, given which budgets can be non-zero."""
-    attention_off = config.heads_per_layer == 0 or (
-        config.heads_per_layer is None and config.head_ratio is None and config.attention_share == 0
-    )
-    ffn_off = config.channels_per_layer == 0 or (
-        config.channels_per_layer is None and config.channel_ratio is None and config.attention_share == 1
-    )
     names = set()
-    if not attention_off:
+    if not config.attention_off:
         names |= {"o_proj"} | ({"v_proj"} if config.train_v else set())
-    if not ffn_off:
+    if not config.ffn_off:
         names |= {"down_proj"} | ({"up_proj"} if config.train_up else set())
     return names
 
 
-def selection_plan(config: S2FTConfig, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Module path -> trained indices (original coordinates) for every module the adapter trains."""
-    structure = discover_structure(model)
+def trained_kinds(config: S2FTConfig) -> set[str]:
+    """Which of o/v/down/up_proj the adapter trains; refuses targets that would train nothing or ignore a flag."""
     targets = config.target_modules
-    wanted = {n for n in TRAINABLE_NAMES if isinstance(targets, str) or n in targets}
-    attention = [
-        b for b in structure.attention if "o_proj" in wanted and check_target_module_exists(config, b.module("o_proj"))
-    ]
-    ffn = [
-        b for b in structure.ffn if "down_proj" in wanted and check_target_module_exists(config, b.module("down_proj"))
-    ]
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        raise ValueError(
+            f"S2FTConfig.target_modules='{INCLUDE_LINEAR_LAYERS_SHORTHAND}' has no meaning for S2FT: it trains whole "
+            "heads (output-projection columns) and FFN channels (down-projection columns), plus value / up rows with "
+            "train_v / train_up. Leave target_modules unset, or list some of "
+            f"{', '.join(TRAINABLE_NAMES)}."
+        )
+    if isinstance(targets, str):  # a regex over module paths, as in PEFT
+        return set(COLUMN_TRAINED) | {name for name, flag in FLAG_OF.items() if getattr(config, flag)}
+    unknown = set(targets) - set(TRAINABLE_NAMES)
+    if unknown:
+        raise ValueError(
+            f"S2FTConfig.target_modules contains {sorted(unknown)}: S2FT trains only {TRAINABLE_NAMES} "
+            "(set the budget fields and train_v / train_up instead)."
+        )
+    for name, flag in FLAG_OF.items():
+        if name in targets and not getattr(config, flag):
+            raise ValueError(
+                f"S2FTConfig.target_modules names '{name}' but {flag}=False: set {flag}=True to train the "
+                f"{name.split('_')[0]} rows of the selected units."
+            )
+        if getattr(config, flag) and name not in targets:
+            raise ValueError(
+                f"S2FTConfig.{flag}=True, but target_modules={sorted(targets)} does not include '{name}': add it, "
+                "or leave target_modules unset."
+            )
+    return set(targets)
+
+
+def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructure | None = None) -> Plan:
+    """Every module the adapter trains, with its axis and indices (original coordinates)."""
+    structure = structure or discover_structure(model)
+    kinds = trained_kinds(config)
+
+    def wanted(block, names) -> list[str]:
+        return [n for n in names if n in kinds and check_target_module_exists(config, block.module(n))]
+
+    attention = [b for b in structure.attention if wanted(b, ATTENTION_TRAINED)]
+    ffn = [b for b in structure.ffn if wanted(b, FFN_TRAINED)]
     weights = {
-        key: permutation.base_linear(model.get_submodule(key)).weight
+        key: base_layer_of(model.get_submodule(key)).weight
         for key in [b.module("o_proj") for b in attention] + [b.module("down_proj") for b in ffn]
     }
+    if config.selection != "random" and any(w.is_meta for w in weights.values()):
+        raise ValueError(
+            f"S2FTConfig.selection='{config.selection}' scores the model's weights, but they are on the meta device "
+            "(the model was built under init_empty_weights). Load the real weights before get_peft_model, or use "
+            "selection='random'."
+        )
     selection = select_units(config, model, attention, ffn, weights)
 
-    plan: dict[str, torch.Tensor] = {}
+    plan: Plan = {}
     for block in attention:
         heads = selection.heads.get(block.prefix)
         if not heads:
             continue
-        plan[block.module("o_proj")] = _head_columns(heads, block.head_dim)
-        if config.train_v and "v_proj" in wanted:
+        names = wanted(block, ATTENTION_TRAINED)
+        if "o_proj" in names:
+            plan[block.module("o_proj")] = (COLUMNS, _head_columns(heads, block.head_dim))
+        if "v_proj" in names:
             groups = sorted({h // block.group_size for h in heads})
-            plan[block.module("v_proj")] = _head_columns(groups, block.head_dim)
+            plan[block.module("v_proj")] = (ROWS, _head_columns(groups, block.head_dim))
     for block in ffn:
         channels = selection.channels.get(block.prefix)
         if not channels:
             continue
-        plan[block.module("down_proj")] = torch.tensor(channels, dtype=torch.long)
-        if config.train_up and "up_proj" in wanted:
-            plan[block.module("up_proj")] = torch.tensor(channels, dtype=torch.long)
+        for name in wanted(block, FFN_TRAINED):
+            plan[block.module(name)] = (COLUMNS if name == "down_proj" else ROWS, torch.tensor(channels))
+    if not plan:
+        raise ValueError(
+            "S2FT found nothing to train with this config: no output/down/value/up projection is left by "
+            f"target_modules={config.target_modules!r}, layers_to_transform={config.layers_to_transform!r} and "
+            f"exclude_modules={config.exclude_modules!r}. Check those fields."
+        )
     return plan
 
 
@@ -75,18 +121,23 @@ def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
     return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def attach(
-    parent: nn.Module, child_name: str, adapter_name: str, indices: torch.Tensor, init_weights: bool
-) -> S2FTLayer:
-    """Wrap the linear `parent.<child_name>` (or add an adapter to its S2FT layer) training `indices`."""
-    target = getattr(parent, child_name)
-    axis = AXIS_OF[child_name]
-    if isinstance(target, S2FTLayer):
-        target.update_layer(adapter_name, indices, init_weights)
-        return target
-    layer = S2FTLayer(target, adapter_name, axis, indices, init_weights)
-    setattr(parent, child_name, layer)
-    return layer
+def refuse_foreign_layers(model: nn.Module, structure: ModelStructure, plan: Plan, permute: bool) -> None:
+    """S2FT does not stack on another PEFT method's layers: say so before anything is wrapped."""
+    paths = set(plan)
+    if permute:  # co-permutation also reorders the modules that feed the trained ones
+        for block in (*structure.attention, *structure.ffn):
+            members = {block.module(name) for name in block.member_names}
+            if members & set(plan):
+                paths |= members
+    for path in sorted(paths):
+        module = model.get_submodule(path)
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, S2FTLayer):
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            raise ValueError(
+                f"S2FT cannot adapt '{path}': it is already a layer of another PEFT method ({kind}). S2FT does not "
+                "stack on other adapters' layers; merge that adapter into the base first (merge_and_unload) or put "
+                "S2FT on a fresh base model."
+            )
 
 
 class S2FTModel(BaseTuner):
@@ -104,26 +155,42 @@ class S2FTModel(BaseTuner):
     tuner_layer_cls = S2FTLayer
     target_module_mapping = {model_type: ["o_proj", "down_proj"] for model_type in SUPPORTED_MODEL_TYPES}
 
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage=False, state_dict=None) -> None:
+        # A single config (not a dict) means `inject_adapter_in_model`, which transformers' `load_adapter` uses
+        # before loading the file its own way; see checkpoint.LoadAdapterBridge.
+        self._injected_directly = isinstance(peft_config, PeftConfig)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(peft_config)
-        elif not isinstance(peft_config.target_modules, str):
-            unknown = set(peft_config.target_modules) - set(TRAINABLE_NAMES)
-            if unknown:
-                raise ValueError(
-                    f"S2FTConfig.target_modules contains {sorted(unknown)}: S2FT trains only {TRAINABLE_NAMES} "
-                    "(set the budget fields and train_v / train_up instead)."
-                )
+        trained_kinds(peft_config)  # refuse contradictory targets early
         return peft_config
 
     def _check_new_adapter_config(self, config: S2FTConfig) -> None:
         super()._check_new_adapter_config(config)
-        if len(self.peft_config) > 1 and any(c.permute for c in self.peft_config.values()):
+        # Adapters of other methods can share the dict when injected directly into one model.
+        own = [c for c in self.peft_config.values() if isinstance(c, S2FTConfig)]
+        if len(own) > 1 and any(c.permute for c in own):
             raise ValueError(
                 "S2FTConfig.permute=True physically reorders the weights for one selection, so it supports a single "
                 "adapter per model. Use permute=False (the default) to combine several adapters."
             )
         checkpoint.refuse_module_like_adapter_names(self.peft_config)
+
+    def _plan(self, model: nn.Module, config: S2FTConfig) -> Plan:
+        """The file's selection when the config came from an adapter folder, else a fresh selection."""
+        structure = discover_structure(model)
+        if config.permute:
+            permutation.check_permutable(model)
+        source = getattr(config, "_adapter_source", None)
+        state_dict = source.read() if source is not None else None
+        plan = checkpoint.check_checkpoint(model, state_dict) if state_dict else {}
+        plan = plan or selection_plan(config, model, structure)
+        refuse_foreign_layers(model, structure, plan, config.permute)
+        if config.permute:
+            permutation.check_contiguous(model, plan)
+        return plan
 
     def inject_adapter(
         self,
@@ -133,10 +200,11 @@ class S2FTModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict | None = None,
     ) -> None:
+        """Plan and check everything first; if wrapping or permuting fails anyway, take it all out again."""
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
-        # Plan (and validate) everything before the first module is touched.
-        self._pending_plan = selection_plan(config, model)
+        self._pending_plan = self._plan(model, config)
+        requires_grad = checkpoint.snapshot_requires_grad(model)
         try:
             super().inject_adapter(
                 model,
@@ -145,10 +213,26 @@ class S2FTModel(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
+            self._attach_unvisited(model, adapter_name, config)
+            if config.permute:
+                permutation.permute_model(model, adapter_name)
+        except BaseException:
+            checkpoint.undo_injection(model, adapter_name, requires_grad)
+            raise
         finally:
             del self._pending_plan
-        if config.permute:
-            permutation.permute_model(model, adapter_name)
+        if self._injected_directly and hasattr(type(model), "_load_pretrained_model"):
+            checkpoint.LoadAdapterBridge(adapter_name, requires_grad).install(model)
+
+    def _attach_unvisited(self, model: nn.Module, adapter_name: str, config: S2FTConfig) -> None:
+        """Layers of a file's plan that `target_modules` does not name (the file is the truth)."""
+        for path, (axis, indices) in self._pending_plan.items():
+            module = model.get_submodule(path)
+            if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
+                continue
+            parent_path, _, child = path.rpartition(".")
+            layer = attach(model.get_submodule(parent_path), child, adapter_name, axis, indices, config.init_weights)
+            layer.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _create_and_replace(
         self,
@@ -160,13 +244,14 @@ class S2FTModel(BaseTuner):
         current_key: str,
         **kwargs,
     ) -> None:
-        indices = self._pending_plan.get(current_key)
-        if indices is None:
+        planned = self._pending_plan.get(current_key)
+        if planned is None:
             # A global allocation can leave a layer without units; nothing to train here.
             return
-        layer = attach(parent, target_name, adapter_name, indices, peft_config.init_weights)
+        axis, indices = planned
+        layer = attach(parent, target_name, adapter_name, axis, indices, peft_config.init_weights)
         if adapter_name not in self.active_adapters:
-            layer.requires_grad_(False)
+            layer.s2ft_delta[adapter_name].requires_grad_(False)
 
     def _unload_and_optionally_merge(
         self,
@@ -182,9 +267,27 @@ class S2FTModel(BaseTuner):
         )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self.peft_config.get(adapter_name) is not None and self.peft_config[adapter_name].permute:
+        if getattr(self.peft_config.get(adapter_name), "permute", False):
             permutation.unpermute_model(self.model)
         super().delete_adapter(adapter_name)
+
+    # ----------------------------------------------------------------------------------------------
+    # features PEFT routes to the tuner that S2FT does not have yet: a clear error, never a silent fallback
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "S2FT does not support mixed-adapter batches yet: with `adapter_names=[...]` every row would get the "
+                "active adapter. Run one batch per adapter after `set_adapter(name)` instead."
+            )
+        yield
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "peft_s2ft does not implement add_weighted_adapter yet. To combine S2FT adapters, activate several at "
+            "once (`model.base_model.set_adapter([name_a, name_b])` sums their deltas) or merge them together "
+            "(`model.merge_adapter([name_a, name_b])`)."
+        )
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the file holds indices (original coordinates) and deltas; loading follows the file
@@ -193,7 +296,9 @@ class S2FTModel(BaseTuner):
         cls, model: nn.Module, config: S2FTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         state_dict = checkpoint.conform_model_to_checkpoint(model, config, adapter_name, state_dict)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # PEFT's key mapping reads model.state_dict(); only keys are needed, so skip un-permuting the base weights.
+        with permutation.state_dict_in_stored_order():
+            return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
 __all__ = ["S2FTModel", "ModelStructure", "attach", "selection_plan"]

@@ -1,8 +1,15 @@
-"""Linear layers whose only trainable part is a few columns (or rows) of the weight.
+"""A frozen linear layer plus dense deltas on a few of its columns (or rows), computed without writing the weight.
 
-For y = x W^T with trainable columns S, backward needs x[..., S] and nothing else of x:
-grad_W[:, S] = grad_y^T x[..., S], grad_x = grad_y W. These functions save exactly that, and
-never compute a gradient for the frozen weight.
+    y = x W^T + b + sum over column deltas of x[..., S] D^T + sum over row deltas of scatter_R(x D^T)
+
+The base weight W is only ever read, so threads, FSDP shards and quantized weights can share it. For y = x W^T
+with trainable columns S, backward needs x[..., S] and nothing else of x: grad_D = grad_y^T x[..., S] and
+grad_x = grad_y W + scatter_S(grad_y D). This function saves exactly that (the whole input only for row deltas,
+or when the user made W itself trainable) and never computes a gradient for a frozen weight.
+
+A delta's positions are an index tensor (default mode) or a contiguous range (permute mode, where the
+co-permutation made the block contiguous): a range is read as a view of x and accumulated straight into a view
+of the output, with no gather or scatter.
 """
 
 from __future__ import annotations
@@ -15,16 +22,16 @@ import torch.nn.functional as F
 COLUMNS = "in"  # delta of shape (out, |S|) on input columns S
 ROWS = "out"  # delta of shape (|S|, in) on output rows S
 
+# Where a delta sits along its axis: `None` means "at the positions of an index tensor passed alongside";
+# `(start, stop)` means the contiguous range [start, stop) of a co-permuted weight.
+Range = tuple[int, int] | None
+
 
 def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
     """The dtype to compute in, and whether autocast chose it (and must be switched off around our casts)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type), True
     return x.dtype, False
-
-
-def _dim(axis: str) -> int:
-    return 1 if axis == COLUMNS else 0
 
 
 def _unflatten(out: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
@@ -36,119 +43,93 @@ def _unflatten(out: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(out, (*x_shape[:-1], out.shape[-1]))
 
 
-def _merged_matmul(
-    a: torch.Tensor, weight: torch.Tensor, indices, axes, deltas, dtype: torch.dtype, bias=None, *, forward: bool
-):
-    """F.linear(a, W + scatter(deltas), bias) (forward) or a @ (W + scatter(deltas)) (backward).
+def _columns(matrix: torch.Tensor, where: Range, index: torch.Tensor | None) -> torch.Tensor:
+    """matrix[:, positions]: a view for a range, a gathered copy for an index tensor."""
+    if where is not None:
+        return matrix[:, where[0] : where[1]]
+    return matrix.index_select(1, index)
 
-    A skinny extra matmul per delta (x[..., S] delta^T) costs as much as a tenth of the main one on a CPU
-    (its output is as large as the layer's), while adding |S| columns into W for one matmul and putting the
-    saved originals back costs next to nothing. The originals are restored by copy, not by subtraction, so
-    the base weight is bit for bit unchanged afterwards. `.data` keeps autograd's version counter out of it.
-    Plain functions rather than a context manager: this runs twice per adapted layer and step.
-    """
-    if weight.dtype != dtype:  # autocast or a half-precision compute: the cast is a fresh copy anyway
-        merged = weight.to(dtype)
-        for index, axis, delta in zip(indices, axes, deltas, strict=True):
-            merged.index_add_(_dim(axis), index, delta.to(dtype))
-        return F.linear(a, merged, bias) if forward else a @ merged
-    data = weight.data
-    originals = [data.index_select(_dim(axis), index) for index, axis in zip(indices, axes, strict=True)]
-    try:
-        for index, axis, delta in zip(indices, axes, deltas, strict=True):
-            data.index_add_(_dim(axis), index, delta.detach().to(dtype))
-        return F.linear(a, data, bias) if forward else a @ data
-    finally:
-        for index, axis, original in zip(indices, axes, originals, strict=True):
-            data.index_copy_(_dim(axis), index, original)
+
+def _add_product_to_columns(out: torch.Tensor, where: Range, index, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[:, positions] += a @ b in place; a range lets BLAS accumulate straight into the output."""
+    if where is not None:
+        out[:, where[0] : where[1]].addmm_(a, b)
+    else:
+        out.index_add_(1, index, a @ b)
 
 
 class SparseDeltaLinear(torch.autograd.Function):
-    """y = x (W + scatter(deltas))^T + b as one dense matmul over the temporarily merged weight.
+    """y = F.linear(x, W, b) plus every delta's contribution; W is read, never written.
 
-    `indices[i]` and `axes[i]` say where `deltas[i]` sits in W. Saved for backward: the selected
-    input columns for column deltas (the full input only when a row delta needs it), W and the deltas
-    (parameters: no new memory).
+    `spec[i] = (axis, where)` places `deltas[i]` on input columns (COLUMNS) or output rows (ROWS) of W, at the
+    contiguous range `where`, or, when `where` is None, at the next of the index tensors passed after the deltas.
+    `spec` is a tuple of constants, so torch.compile traces one graph per layout.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, axes, *deltas):
+    def forward(ctx, x, weight, bias, spec, *tensors):
+        count = len(spec)
+        deltas, indices = tensors[:count], _per_delta(spec, tensors[count:])
         dtype, autocast = _compute_dtype(x)
+        wants_delta_grad = ctx.needs_input_grad[4 : 4 + count]
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            # .to() returns the tensor itself when it already has the dtype: no copy on the fp32 path.
+            # .to() returns the tensor itself when it already has the dtype: no copy on the common path.
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            compute_bias = None if bias is None else bias.to(dtype)
-            out = _merged_matmul(x2, weight, indices, axes, deltas, dtype, compute_bias, forward=True)
-        trains_delta = any(ctx.needs_input_grad[5:])
-        ctx.axes, ctx.x_shape, ctx.x_dtype, ctx.dtype = axes, x.shape, x.dtype, dtype
+            out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+            saved_inputs = []
+            for (axis, where), index, delta, wants_grad in zip(spec, indices, deltas, wants_delta_grad, strict=True):
+                if axis == COLUMNS:
+                    selected = _columns(x2, where, index)
+                    out.addmm_(selected, delta.to(dtype).t())
+                    # A range is a view of x: keep a copy of just those columns, not all of x alive.
+                    saved_inputs.append(selected.contiguous() if wants_grad else None)
+                else:
+                    _add_product_to_columns(out, where, index, x2, delta.to(dtype).t())
+                    saved_inputs.append(x2 if wants_grad else None)
+        ctx.spec, ctx.x_shape, ctx.x_dtype, ctx.dtype = spec, x.shape, x.dtype, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.trains_delta = trains_delta
-        saved_inputs = []
-        if trains_delta:
-            # Column deltas need only their columns of the input; row deltas need all of it.
-            saved_inputs = [x2.index_select(1, i) if a == COLUMNS else x2 for i, a in zip(indices, axes, strict=True)]
-        ctx.save_for_backward(weight, *indices, *deltas, *saved_inputs)
+        ctx.input_slots = [i for i, t in enumerate(saved_inputs) if t is not None]
+        full_input = [x2] if ctx.needs_input_grad[1] else []  # a trainable base weight needs all of x, saved last
+        ctx.save_for_backward(weight, *tensors, *(saved_inputs[i] for i in ctx.input_slots), *full_input)
         return _unflatten(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        count = len(ctx.axes)
+        spec, count = ctx.spec, len(ctx.spec)
         weight, *rest = ctx.saved_tensors
-        indices, deltas, saved_inputs = rest[:count], rest[count : 2 * count], rest[2 * count :]
+        index_count = sum(where is None for _, where in spec)
+        deltas, indices = rest[:count], _per_delta(spec, rest[count : count + index_count])
+        inputs = rest[count + index_count :]
+        saved_inputs: list[torch.Tensor | None] = [None] * count
+        for slot, tensor in zip(ctx.input_slots, inputs, strict=False):
+            saved_inputs[slot] = tensor
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
 
-        grad_x = grad_bias = None
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _merged_matmul(g, weight, indices, ctx.axes, deltas, ctx.dtype, forward=False)
+            grad_x = g @ weight.to(ctx.dtype)
+            for (axis, where), index, delta in zip(spec, indices, deltas, strict=True):
+                if axis == COLUMNS:
+                    _add_product_to_columns(grad_x, where, index, g, delta.to(ctx.dtype))
+                else:
+                    grad_x.addmm_(_columns(g, where, index), delta.to(ctx.dtype))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.t() @ inputs[-1]).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
 
         grad_deltas = []
-        for slot, (index, axis, delta) in enumerate(zip(indices, ctx.axes, deltas, strict=True)):
-            if not ctx.needs_input_grad[5 + slot]:
+        for (axis, where), index, delta, saved in zip(spec, indices, deltas, saved_inputs, strict=True):
+            if saved is None:
                 grad_deltas.append(None)
                 continue
-            grad_block_out = g if axis == COLUMNS else g.index_select(1, index)
-            grad_deltas.append((grad_block_out.t() @ saved_inputs[slot]).to(delta.dtype))
-        return (grad_x, None, grad_bias, None, None, *grad_deltas)
+            grad_block_out = g if axis == COLUMNS else _columns(g, where, index)
+            grad_deltas.append((grad_block_out.t() @ saved).to(delta.dtype))
+        return (grad_x, grad_weight, grad_bias, None, *grad_deltas, *([None] * index_count))
 
 
-class MergedBlockLinear(torch.autograd.Function):
-    """y = x W^T + b where W already holds the trained block at [start, stop) along `axis`.
-
-    This is the co-permuted layout: one dense matmul. For a column block backward saves only
-    x[..., start:stop]; a row block needs the whole input. d W_block / d delta is the identity, so the
-    block's gradient is returned as the delta's.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, start, stop, axis, delta):
-        dtype, autocast = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.x_shape, ctx.dtype, ctx.x_dtype, ctx.has_bias = x.shape, dtype, x.dtype, bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.block, ctx.axis = (start, stop), axis
-        ctx.trains_delta = ctx.needs_input_grad[6]
-        saved_input = []
-        if ctx.trains_delta:
-            saved_input = [x2[:, start:stop].contiguous() if axis == COLUMNS else x2]
-        ctx.save_for_backward(weight, delta, *saved_input)
-        return _unflatten(out, x.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, delta, *saved_input = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-        grad_x = grad_bias = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight.to(ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-        if ctx.trains_delta:
-            start, stop = ctx.block
-            grad_block_out = g if ctx.axis == COLUMNS else g[:, start:stop]
-            grad_delta = (grad_block_out.t() @ saved_input[0]).to(delta.dtype)
-        return grad_x, None, grad_bias, None, None, None, grad_delta
+def _per_delta(spec, index_tensors) -> list[torch.Tensor | None]:
+    """One entry per delta: its index tensor, or None for a delta at a contiguous range."""
+    remaining = iter(index_tensors)
+    return [next(remaining) if where is None else None for _, where in spec]

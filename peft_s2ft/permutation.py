@@ -1,13 +1,18 @@
-"""Permute mode: physically co-permute each block so the trained units form one contiguous block.
+"""Permute mode: physically co-permute each block once, so the trained units form one contiguous block.
 
 Attention: query heads (Q rows, O columns) and K/V groups (K, V rows) are reordered together so every
 query head keeps its own K/V group; FFN: channels (gate/up rows, down columns). The block's function is
-unchanged. State-dict hooks on the permuted linears keep presenting the ORIGINAL order and pre-trained
-values, so `get_base_model_state_dict` / `set_base_model_state_dict` behave as if nothing moved.
+unchanged. The S2FT layers then read their input columns as a contiguous slice instead of a gather; nothing
+writes the weights again until the permutation is undone. State-dict hooks on the permuted linears keep
+presenting the ORIGINAL order, so `get_base_model_state_dict` / `set_base_model_state_dict` behave as if
+nothing moved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,14 +20,43 @@ import torch
 from torch import nn
 
 from .layer import S2FTLayer
-from .partial_backprop import COLUMNS
-from .structures import discover_structure
+from .structures import base_layer_of, discover_structure
+
+# Model types whose coupled structures are fully known: every tensor that depends on a head's or a channel's
+# position is permuted below (Q/K/V rows with biases, O columns, gate/up rows with biases, down columns), and
+# nothing else (q/k norms over one head's width, rotary embeddings, sliding windows) depends on the order.
+# Other families may hold per-head tensors elsewhere (OLMo2's q/k norms over the whole projection, Cohere's
+# per-head norms, ALiBi slopes), which a permutation would silently break.
+PERMUTE_SAFE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_stored_order = contextvars.ContextVar("s2ft_state_dict_in_stored_order", default=False)
 
 
-def base_linear(module: nn.Module) -> nn.Linear:
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
+@contextlib.contextmanager
+def state_dict_in_stored_order() -> Iterator[None]:
+    """Within this context, permuted weights appear in the state dict as stored (no copy, permuted order).
+
+    For callers that only keep the adapter's own tensors (saving an adapter): un-permuting every base weight
+    would allocate a copy of most of the model for nothing.
+    """
+    token = _stored_order.set(True)
+    try:
+        yield
+    finally:
+        _stored_order.reset(token)
+
+
+def check_permutable(model: nn.Module) -> None:
+    """Refuse permute mode on a model whose per-head and per-channel tensors are not all known."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PERMUTE_SAFE_MODEL_TYPES:
+        raise ValueError(
+            f"S2FTConfig.permute=True physically reorders heads and channels, which preserves the model's function "
+            f"only if every tensor that depends on a head's position moves with it. peft_s2ft knows all of them for "
+            f"model types {', '.join(PERMUTE_SAFE_MODEL_TYPES)}, not for '{model_type}' (it may have per-head norms, "
+            "sinks or position biases elsewhere). Use permute=False: the default mode trains the same adapter."
+        )
 
 
 def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
@@ -47,6 +81,23 @@ def head_order(heads: list[int], num_heads: int, group_size: int) -> tuple[torch
     return torch.tensor(query), torch.tensor(group_order)
 
 
+def _block_heads(block, o_columns: torch.Tensor | None, v_rows: torch.Tensor | None) -> list[int]:
+    """The query heads a block trains: from its O columns, or whole K/V groups when only V rows train."""
+    if o_columns is not None:
+        return sorted(set((o_columns // block.head_dim).tolist()))
+    groups = sorted(set((v_rows // block.head_dim).tolist()))
+    return [g * block.group_size + i for g in groups for i in range(block.group_size)]
+
+
+def check_contiguous(model: nn.Module, plan: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Refuse, before anything moves, a selection that co-permutation cannot make contiguous."""
+    for block in discover_structure(model).attention:
+        o_entry, v_entry = plan.get(block.module("o_proj")), plan.get(block.module("v_proj"))
+        if o_entry is not None or v_entry is not None:
+            heads = _block_heads(block, o_entry and o_entry[1], v_entry and v_entry[1])
+            head_order(heads, block.num_heads, block.group_size)
+
+
 @dataclass
 class _Permuted:
     """One linear whose weight is stored permuted along `dim` (0 = rows, 1 = columns)."""
@@ -54,48 +105,35 @@ class _Permuted:
     linear: nn.Linear
     dim: int
     order: torch.Tensor  # stored[i] = original[order[i]]
-    owner: S2FTLayer | None  # the S2FT layer training a block of it, if any
+    inverse: torch.Tensor = field(init=False)
     handles: list = field(default_factory=list)
 
-    def permute(self, inverse: bool = False) -> None:
-        order = torch.argsort(self.order) if inverse else self.order
-        weight = self.linear.weight.data
-        weight.copy_(weight.index_select(self.dim, order.to(weight.device)))
-        if self.dim == 0 and self.linear.bias is not None:
-            bias = self.linear.bias.data
-            bias.copy_(bias.index_select(0, order.to(bias.device)))
+    def __post_init__(self) -> None:
+        self.inverse = torch.argsort(self.order)
+
+    def _reorder(self, module: nn.Module, state: dict, prefix: str, order: torch.Tensor) -> None:
+        for name, dim in (("weight", self.dim), ("bias", 0)):
+            key = prefix + name
+            if state.get(key) is not None and (name == "weight" or self.dim == 0):
+                state[key] = state[key].index_select(dim, order.to(state[key].device))
 
     def present_original(self, module, state_dict, prefix, local_metadata) -> None:
-        inverse = torch.argsort(self.order)
-        weight_key = prefix + "weight"
-        if weight_key in state_dict:
-            weight = state_dict[weight_key]
-            if self.owner is not None and not self.owner.merged:
-                start, stop = self.owner.block_range
-                weight = weight.clone()
-                (original,) = self.owner.s2ft_original_block.values()
-                weight.narrow(self.dim, start, stop - start).copy_(original)
-            state_dict[weight_key] = weight.index_select(self.dim, inverse.to(weight.device))
-        if self.dim == 0 and state_dict.get(prefix + "bias") is not None:
-            bias = state_dict[prefix + "bias"]
-            state_dict[prefix + "bias"] = bias.index_select(0, inverse.to(bias.device))
+        if not _stored_order.get():
+            self._reorder(module, state_dict, prefix, self.inverse)
 
     def accept_original(self, module, state_dict, prefix, *args) -> None:
-        weight_key = prefix + "weight"
-        if weight_key in state_dict:
-            weight = state_dict[weight_key].index_select(self.dim, self.order.to(state_dict[weight_key].device))
-            if self.owner is not None:
-                start, stop = self.owner.block_range
-                (name,) = self.owner.s2ft_original_block.keys()
-                self.owner.s2ft_original_block[name] = weight.narrow(self.dim, start, stop - start).clone()
-                self.owner._block_synced = False
-            state_dict[weight_key] = weight
-        if self.dim == 0 and state_dict.get(prefix + "bias") is not None:
-            bias = state_dict[prefix + "bias"]
-            state_dict[prefix + "bias"] = bias.index_select(0, self.order.to(bias.device))
+        self._reorder(module, state_dict, prefix, self.order)
+
+    def _permute_in_place(self, order: torch.Tensor) -> None:
+        with torch.no_grad():
+            weight = self.linear.weight
+            weight.copy_(weight.index_select(self.dim, order.to(weight.device)))
+            if self.dim == 0 and self.linear.bias is not None:
+                bias = self.linear.bias
+                bias.copy_(bias.index_select(0, order.to(bias.device)))
 
     def install(self) -> None:
-        self.permute()
+        self._permute_in_place(self.order)
         self.handles = [
             # torch tags hook objects with attributes, which bound methods refuse: wrap them in partials.
             self.linear.register_state_dict_post_hook(partial(_Permuted.present_original, self)),
@@ -105,80 +143,82 @@ class _Permuted:
     def uninstall(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.permute(inverse=True)
+        self.handles = []
+        self._permute_in_place(self.inverse)
 
 
-def _align(delta: torch.Tensor, old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+def align(delta: torch.Tensor, old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """`delta`'s slices along `dim` reordered from index order `old` to `new` (the same set of indices)."""
     position = {int(v): i for i, v in enumerate(old.tolist())}
     return delta.index_select(dim, torch.tensor([position[int(v)] for v in new.tolist()], device=delta.device))
 
 
 def _enter_block(layer: S2FTLayer, adapter_name: str, order: torch.Tensor) -> None:
-    """Turn an index-mode layer into a merged block at the front of its co-permuted weight."""
-    old = layer.s2ft_indices[adapter_name]
+    """Turn an index-mode layer into a block at the front of its co-permuted weight."""
+    old = layer.selected(adapter_name)
     count = len(old)
-    new = order[:count].to(old.device)
+    new = order[:count]
     if set(new.tolist()) != set(old.tolist()):
         raise RuntimeError("internal error: the co-permutation does not bring the selected units to the front")
-    dim = 1 if layer.axis == COLUMNS else 0
-    delta = layer.s2ft_delta[adapter_name]
     with torch.no_grad():
-        delta.data = _align(delta.data, old, new, dim)
-    layer.s2ft_indices[adapter_name] = new
+        delta = layer.s2ft_delta[adapter_name]
+        delta.data = align(delta.data, old, new, layer.dim)
+    layer._set_indices(adapter_name, new)
     layer.block_range = (0, count)
-    weight = layer.get_base_layer().weight.data
-    layer.s2ft_original_block[adapter_name] = weight.narrow(dim, 0, count).clone()
-    layer._block_synced = False
+
+
+def _trained_layer(model: nn.Module, path: str, adapter_name: str) -> S2FTLayer | None:
+    module = model.get_submodule(path)
+    return module if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_indices else None
 
 
 def permute_model(model: nn.Module, adapter_name: str) -> None:
-    """Co-permute every block in which `adapter_name` trains something (after its layers were attached)."""
+    """Co-permute every block in which `adapter_name` trains something (after its layers were attached).
+
+    All orders are computed before the first weight moves, so a selection that cannot be made contiguous is
+    refused with the model untouched.
+    """
+    check_permutable(model)
     structure = discover_structure(model)
+    plans = []
     for block in structure.attention:
-        o_layer = model.get_submodule(block.module("o_proj"))
-        if not isinstance(o_layer, S2FTLayer) or adapter_name not in o_layer.s2ft_indices:
+        o_layer = _trained_layer(model, block.module("o_proj"), adapter_name)
+        v_layer = _trained_layer(model, block.module("v_proj"), adapter_name)
+        if o_layer is None and v_layer is None:
             continue
-        columns = o_layer.s2ft_indices[adapter_name].cpu()
-        heads = sorted(set((columns // block.head_dim).tolist()))
+        heads = _block_heads(
+            block, o_layer and o_layer.selected(adapter_name), v_layer and v_layer.selected(adapter_name)
+        )
         query, groups = head_order(heads, block.num_heads, block.group_size)
         query_rows, group_rows = _expand(query, block.head_dim), _expand(groups, block.head_dim)
-        v_module = model.get_submodule(block.module("v_proj"))
-        v_layer = v_module if isinstance(v_module, S2FTLayer) and adapter_name in v_module.s2ft_indices else None
-        _install(
-            o_layer,
-            [
-                (block.module("q_proj"), 0, query_rows, None),
-                (block.module("k_proj"), 0, group_rows, None),
-                (block.module("v_proj"), 0, group_rows, v_layer),
-                (block.module("o_proj"), 1, query_rows, o_layer),
-            ],
-            model,
-            adapter_name,
-        )
+        members = [
+            (block.module("q_proj"), 0, query_rows, None),
+            (block.module("k_proj"), 0, group_rows, None),
+            (block.module("v_proj"), 0, group_rows, v_layer),
+            (block.module("o_proj"), 1, query_rows, o_layer),
+        ]
+        plans.append((o_layer or v_layer, members))
     for block in structure.ffn:
-        down_layer = model.get_submodule(block.module("down_proj"))
-        if not isinstance(down_layer, S2FTLayer) or adapter_name not in down_layer.s2ft_indices:
+        down_layer = _trained_layer(model, block.module("down_proj"), adapter_name)
+        up_layer = _trained_layer(model, block.module("up_proj"), adapter_name)
+        if down_layer is None and up_layer is None:
             continue
-        channels = down_layer.s2ft_indices[adapter_name].cpu()
-        order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in set(channels.tolist())))
-        up_module = model.get_submodule(block.module("up_proj"))
-        up_layer = up_module if isinstance(up_module, S2FTLayer) and adapter_name in up_module.s2ft_indices else None
-        _install(
-            down_layer,
-            [
-                (block.module("gate_proj"), 0, order, None),
-                (block.module("up_proj"), 0, order, up_layer),
-                (block.module("down_proj"), 1, order, down_layer),
-            ],
-            model,
-            adapter_name,
-        )
+        selected = set((down_layer or up_layer).selected(adapter_name).tolist())
+        order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in selected))
+        members = [
+            (block.module("gate_proj"), 0, order, None),
+            (block.module("up_proj"), 0, order, up_layer),
+            (block.module("down_proj"), 1, order, down_layer),
+        ]
+        plans.append((down_layer or up_layer, members))
+    for owner, members in plans:
+        _install(owner, members, model, adapter_name)
 
 
 def _install(owner: S2FTLayer, members, model: nn.Module, adapter_name: str) -> None:
     permuted = []
     for key, dim, order, trained_layer in members:
-        entry = _Permuted(base_linear(model.get_submodule(key)), dim, order, trained_layer)
+        entry = _Permuted(base_layer_of(model.get_submodule(key)), dim, order)
         entry.install()
         if trained_layer is not None:
             _enter_block(trained_layer, adapter_name, order)
@@ -187,17 +227,11 @@ def _install(owner: S2FTLayer, members, model: nn.Module, adapter_name: str) -> 
 
 
 def unpermute_model(model: nn.Module) -> None:
-    """Undo every co-permutation: original order, pre-trained values (unless merged), index-mode layers."""
+    """Undo every co-permutation: original order, index-mode layers. Merged blocks move with their columns."""
     layers = [m for m in model.modules() if isinstance(m, S2FTLayer)]
-    for layer in layers:
-        if layer.block_range is not None and not layer.merged and layer.s2ft_original_block:
-            layer.restore_block()
     for layer in layers:
         for entry in layer.permutation or []:
             entry.uninstall()
         layer.permutation = None
     for layer in layers:
         layer.block_range = None
-        layer._block_synced = False
-        for name in list(layer.s2ft_original_block.keys()):
-            del layer.s2ft_original_block[name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,6 +29,7 @@ class AttentionBlock:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    member_names = ATTENTION_NAMES
 
     @property
     def group_size(self) -> int:
@@ -44,6 +46,7 @@ class FFNBlock:
     layer: int
     prefix: str
     num_channels: int
+    member_names = FFN_NAMES
 
     def module(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -79,11 +82,14 @@ def _find_decoder_layers(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     return layers
 
 
+def base_layer_of(module: nn.Module) -> nn.Module:
+    """The module itself, or the layer a PEFT tuner layer (of any method) wraps."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
 def _require_linear(parent: nn.Module, parent_name: str, child: str) -> nn.Linear:
     module = getattr(parent, child, None)
-    base = getattr(module, "base_layer", module)  # already wrapped by another adapter
-    while hasattr(base, "base_layer"):
-        base = base.base_layer
+    base = None if module is None else base_layer_of(module)
     if not isinstance(base, nn.Linear):
         found = "nothing" if module is None else type(module).__name__
         raise UnsupportedModelError(

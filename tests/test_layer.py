@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_s2ft.layer import S2FTLayer
-from peft_s2ft.partial_backprop import COLUMNS, ROWS, MergedBlockLinear
+from peft_s2ft.partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
 
 
 def _saved_bytes(fn) -> tuple[int, object]:
@@ -132,8 +132,8 @@ def test_output_can_be_modified_in_place_like_a_plain_linear():
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(layer.s2ft_delta["default"].grad, delta_ref.grad)
 
-    # permute mode's function too
-    block_out = MergedBlockLinear.apply(x, base.weight, base.bias, 0, 5, COLUMNS, delta_ref)
+    # permute mode's layout too: the block at a contiguous range
+    block_out = SparseDeltaLinear.apply(x, base.weight, base.bias, ((COLUMNS, (0, 5)),), delta_ref)
     block_out += 1.0
     block_out.sum().backward()
 

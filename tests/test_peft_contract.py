@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -125,9 +126,11 @@ def test_save_and_reload_on_a_fresh_base(load, input_ids, tmp_path, permute, low
     config["seed"] = 12345
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     torch.manual_seed(99)
-    with pytest.warns() as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         loaded = PeftModel.from_pretrained(load("llama-gqa"), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
-    assert not [r for r in record if "missing" in str(r.message).lower()]
+    # PEFT warns with these words when an adapter tensor of the model is not in the file.
+    assert not [r for r in record if "Found missing adapter keys" in str(r.message)]
     torch.testing.assert_close(loaded(input_ids).logits, expected)
     _assert_same_state(
         {k: v for k, v in loaded.state_dict().items() if "s2ft_" in k},
@@ -174,7 +177,7 @@ def _corrupt(tmp_path, edit):
     [
         (
             lambda t: t.update({k: t[k] + 1000 for k in t if k.endswith("layers.1.mlp.down_proj.s2ft_indices")}),
-            r"layers\.1\.mlp\.down_proj.*indices up to",
+            r"layers\.1\.mlp\.down_proj.*indices from .* up to",
         ),
         (
             lambda t: t.update(

@@ -1,0 +1,106 @@
+"""Injection either succeeds completely or leaves the model exactly as it was, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, CohereConfig, Olmo2Config
+
+from peft_s2ft import S2FTConfig, permutation
+from peft_s2ft.layer import S2FTLayer
+from tests.conftest import COMMON
+from tests.snapshots import assert_same_snapshot, model_snapshot
+
+
+def _config(**kwargs):
+    return S2FTConfig(task_type="CAUSAL_LM", heads_per_layer=2, channels_per_layer=3, **kwargs)
+
+
+@pytest.mark.parametrize(("lora_targets", "permute"), [(["o_proj"], False), (["down_proj"], True), (["q_proj"], True)])
+def test_another_methods_layer_is_refused_before_anything_is_wrapped(load, lora_targets, permute):
+    model = load("llama-gqa")
+    inject_adapter_in_model(LoraConfig(target_modules=lora_targets), model, adapter_name="lora")
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="already a layer of another PEFT method.*does not stack"):
+        inject_adapter_in_model(_config(permute=permute), model, adapter_name="s2ft")
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_default_mode_coexists_with_another_method_on_modules_it_does_not_touch(load, input_ids):
+    model = load("llama-gqa")
+    inject_adapter_in_model(LoraConfig(target_modules=["q_proj"], init_lora_weights=False), model, "lora")
+    with_lora = model(input_ids).logits
+    inject_adapter_in_model(_config(), model, adapter_name="s2ft")
+    assert any(isinstance(m, S2FTLayer) for m in model.modules())
+    torch.testing.assert_close(model(input_ids).logits, with_lora)  # a zero S2FT delta changes nothing
+
+
+def test_a_failure_while_permuting_takes_everything_out_again(load, monkeypatch):
+    model = load("llama-gqa")
+    before = model_snapshot(model)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure after the layers were wrapped")
+
+    monkeypatch.setattr(permutation, "permute_model", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        get_peft_model(model, _config(permute=True))
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def _two_partial_groups(path):
+    """Rewrite a saved llama-gqa adapter so layer 0's O block holds heads 0 and 2: one head of each K/V group."""
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.o_proj.s2ft_indices"))
+    tensors[key] = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "transformers load_adapter"])
+def test_a_permute_mode_load_that_cannot_be_made_contiguous_leaves_nothing_behind(load, tmp_path, loader):
+    get_peft_model(load("llama-gqa"), _config(permute=True, init_weights=False)).save_pretrained(tmp_path)
+    _two_partial_groups(tmp_path)
+    model = load("llama-gqa")
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="partly selected K/V groups"):
+        if loader == "PeftModel.from_pretrained":
+            PeftModel.from_pretrained(model, tmp_path)
+        else:
+            model.load_adapter(str(tmp_path), adapter_name="loaded")
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+FAMILIES_WITH_PER_HEAD_TENSORS = {
+    "olmo2": lambda: Olmo2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "cohere": lambda: CohereConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES_WITH_PER_HEAD_TENSORS))
+def test_permute_mode_is_refused_where_per_head_tensors_are_not_described(family, input_ids):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES_WITH_PER_HEAD_TENSORS[family]()).eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a head moved without its norm would show
+        for name, param in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                param.normal_(1.0, 0.5)
+    expected = model(input_ids).logits
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=f"not for '{family}'"):
+        get_peft_model(model, _config(permute=True))
+    assert_same_snapshot(before, model_snapshot(model))
+    # The default mode moves nothing, so it is exact on these families.
+    peft_model = get_peft_model(model, _config(init_weights=True))
+    torch.testing.assert_close(peft_model(input_ids).logits, expected)
+
+
+def test_reloading_a_selection_that_cannot_be_made_contiguous_keeps_the_permute_mode_adapter(load, tmp_path):
+    model = get_peft_model(load("llama-gqa"), _config(permute=True, init_weights=False))
+    model.save_pretrained(tmp_path)
+    _two_partial_groups(tmp_path)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="partly selected K/V groups"):
+        model.load_adapter(tmp_path, adapter_name="default")  # over the existing adapter, as a resume does
+    assert_same_snapshot(before, model_snapshot(model))
