@@ -66,11 +66,17 @@ def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 # torch's FLOP counter knows the CUDA attention kernels but not the CPU one, so attention would count as 0
-# on the CPU; these use torch's own SDPA formulas (full, non-causal matrices, as on CUDA).
-CPU_ATTENTION_FLOPS = {
+# on the CPU; these use torch's own SDPA formulas (full, non-causal matrices, as on CUDA). It also counts
+# `addmm` but not the in-place `addmm_` with which S2FT accumulates its deltas' products into the output.
+EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    torch.ops.aten.addmm_: _inplace_addmm_flops,
 }
 
 
@@ -221,7 +227,7 @@ def instrumented_step(trainee: Trainee, ids: torch.Tensor) -> StepFigures:
     resident = resident_bytes(trainee)
     saved = SavedTensorCounter()
     peak: list[int] = []
-    flop_counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    flop_counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
     with _peak_rise(ids.device, peak):
         with flop_counter:
             with saved.counting():
