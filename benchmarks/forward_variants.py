@@ -9,6 +9,7 @@ block so that the block costs no extra FLOPs. `frozen` is a frozen linear with t
 layer costs in the limit. Variants run interleaved; medians are reported as milliseconds over `frozen`.
 
     python benchmarks/forward_variants.py --repeats 100 --output forward_variants.json
+    python benchmarks/forward_variants.py --shapes 1b-down --repeats 20   # a 64 MB weight
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from peft_s2ft.partial_backprop import COLUMNS, SparseDeltaLinear
 
 # (in_features, out_features, trained columns): SmolLM2-135M's output and down projections (one head, 39 of 1536
-# channels), and a Llama-3.2-1B-like output projection with two heads.
-SHAPES = ((576, 576, 64), (1536, 576, 39), (2048, 2048, 128))
+# channels), a Llama-3.2-1B-like output projection with two heads, and its down projection (80 of 8192 channels).
+SHAPES = {"smollm2-o": (576, 576, 64), "smollm2-down": (1536, 576, 39), "1b-o": (2048, 2048, 128)}
+LARGE = {"1b-down": (8192, 2048, 80)}
 
 
 class _MergedCopy(torch.autograd.Function):
@@ -133,13 +135,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=1024, help="Rows of the input (batch x sequence).")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"Comma list of {', '.join({**SHAPES, **LARGE})}.")
     parser.add_argument("--output", help="Write the records to this JSON file.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = []
     names = [name for name in variants(None, None, 0, None) if name != "frozen"]
     print("| in x out, trained columns | frozen ms | " + " | ".join(f"{name} +ms" for name in names) + " |")
-    for shape in SHAPES:
+    for shape in ({**SHAPES, **LARGE}[name.strip()] for name in args.shapes.split(",")):
         medians = measure(shape, args.tokens, args.repeats)
         extra = {name: value - medians["frozen"] for name, value in medians.items() if name != "frozen"}
         records.append({"shape": shape, "tokens": args.tokens, "threads": args.threads, "median_ms": medians})

@@ -97,10 +97,11 @@ class S2FTConfig(PeftConfig):
     permute: bool = field(
         default=False,
         metadata={
-            "help": "Physically co-permute the coupled weights so the selected block is contiguous and train it "
-            "merged into the weight (one dense matmul, as in the paper). The state dict still shows the original "
-            "order and values. One adapter per model in this mode. Default False: the selection is applied as "
-            "index maps and the base weights are never touched."
+            "help": "Physically co-permute the coupled weights once, so that the selected block is contiguous: its "
+            "input is a slice rather than a gather (the paper's layout). The state dict still shows the original "
+            "order. One adapter per model, and only for model types whose per-head tensors are all known (Llama, "
+            "Mistral, Qwen2, Qwen3). Default False: the selection is applied as index maps; both modes train the "
+            "same adapter, and neither writes the base weights during training."
         },
     )
     init_weights: bool = field(
