@@ -13,7 +13,8 @@ spread units over other layers. Every load path runs the same checks before a si
 - transformers' `model.load_adapter` loads through `_load_pretrained_model` and never calls that hook; a one-call
   bridge installed at injection (`LoadAdapterBridge`) runs the same checks there and undoes the injection when
   the file is refused.
-- torch's `load_state_dict` (also a user's own): `S2FTLayer._load_from_state_dict` calls `conform_layer_to_entries`.
+- torch's `load_state_dict` (also a user's own): `S2FTModel._load_from_state_dict` checks every layer before the
+  first tensor is copied, and `S2FTLayer._load_from_state_dict` checks its own (when injected without a tuner).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class AdapterSource:
     model_id: str
     subfolder: str | None = None
     download_kwargs: dict = field(default_factory=dict)
+    fingerprint: tuple = ()  # the config's selection fields when it was read
 
     def read(self) -> dict[str, torch.Tensor] | None:
         """The adapter's tensors, or None when the folder holds no weights file (a config on its own)."""
@@ -175,6 +177,8 @@ def check_entry(
     if len(torch.unique(indices)) != len(indices):
         raise AdapterMismatchError(f"Adapter file: layer '{where}' has duplicate indices.")
     if delta is not None:
+        if not delta.dtype.is_floating_point:
+            raise AdapterMismatchError(f"Adapter file: layer '{where}' has a delta of dtype {delta.dtype}, not floats.")
         expected = (out_features, len(indices)) if axis == COLUMNS else (len(indices), in_features)
         if tuple(delta.shape) != expected:
             raise AdapterMismatchError(
@@ -190,7 +194,10 @@ def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     """Validate every S2FT layer of a file against `root`; return path -> (axis, indices). Modifies nothing."""
     entries = _entries(state_dict)
     if not entries:
-        return {}
+        raise AdapterMismatchError(
+            f"The adapter file holds no S2FT layer (no '.{DELTA}' / '.{INDICES}' entries among its "
+            f"{len(state_dict)} tensors); it is not an S2FT adapter, or it was saved without its weights."
+        )
     structure = discover_structure(root)
     checked = {}
     for path, found in entries.items():
@@ -227,13 +234,13 @@ def conform_model_to_checkpoint(
     """
     root = _root(model)
     checked = check_checkpoint(root, state_dict)
-    if not checked:
-        return state_dict
     current = {
         name: module
         for name, module in root.named_modules()
         if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta
     }
+    for path, layer in current.items():
+        refuse_loading_over_merged(layer, adapter_name, path)
     same_selection = set(current) == set(checked) and all(
         set(current[path].selected(adapter_name).tolist()) == set(indices.tolist())
         for path, (_, indices) in checked.items()
@@ -273,11 +280,11 @@ def _aligned_to_layers(root, adapter_name, state_dict, checked) -> dict[str, tor
     return aligned
 
 
-def conform_layer_to_entries(layer: S2FTLayer, state_dict: dict, prefix: str) -> None:
-    """A torch-level load of this layer's adapter tensors: check them, resize the adapter to the file's selection.
+def _layer_entries(layer: S2FTLayer, state_dict: dict, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """Check a torch-level load of one layer's adapter tensors; return (adapter, incoming indices) pairs.
 
-    Called before the tensors are copied. In permute mode the block's position in the co-permuted weight is fixed:
-    a different set of indices there is refused (PEFT's loaders re-permute the model instead).
+    Pure. A torch-level load copies tensors into the layers as they are, so it can only take the selection the
+    layer trains, possibly in another order; loading another selection is what PEFT's loaders are for.
     """
     names = {
         key[len(prefix) :].split(".", 1)[1]
@@ -285,38 +292,66 @@ def conform_layer_to_entries(layer: S2FTLayer, state_dict: dict, prefix: str) ->
         if key.startswith(prefix + DELTA + ".") or key.startswith(prefix + INDICES + ".")
     }
     where = prefix.removesuffix(".").removeprefix(CHECKPOINT_PREFIX)
-    for name in names:
+    checked = []
+    for name in sorted(names):
         if name not in layer.s2ft_delta:
             continue  # an adapter this layer does not have: torch reports the unexpected keys
-        index_key, delta_key = f"{prefix}{INDICES}.{name}", f"{prefix}{DELTA}.{name}"
-        delta = state_dict.get(delta_key)
-        raw = state_dict.get(index_key)
-        if raw is None:
-            check_entry(where, layer.in_features, layer.out_features, layer.axis, layer.selected(name), delta)
-            continue
-        indices = check_entry(where, layer.in_features, layer.out_features, layer.axis, raw, delta)
+        refuse_loading_over_merged(layer, name, where)
+        delta, raw = state_dict.get(f"{prefix}{DELTA}.{name}"), state_dict.get(f"{prefix}{INDICES}.{name}")
         current = layer.selected(name)
-        if not torch.equal(current, indices):
-            if layer.block_range is None:
-                layer.resize_adapter(name, indices)
-            elif set(current.tolist()) == set(indices.tolist()):
-                # Same selection in another order: present the file's tensors in the block's order.
-                if delta is not None:
-                    state_dict[delta_key] = permutation.align(delta, indices, current, layer.dim)
-                indices = current
-            else:
-                raise AdapterMismatchError(
-                    f"Adapter file: layer '{where}' selects other units than the co-permuted block of this "
-                    "permute-mode model. Load it with PeftModel.from_pretrained / load_adapter, which re-permute."
-                )
-        state_dict[index_key] = indices.to(layer.s2ft_indices[name].device)
+        indices = check_entry(
+            where, layer.in_features, layer.out_features, layer.axis, current if raw is None else raw, delta
+        )
+        if set(indices.tolist()) != set(current.tolist()):
+            raise AdapterMismatchError(
+                f"State dict: layer '{where}' of adapter '{name}' holds other units than the layer trains. Load "
+                "adapter files with PeftModel.from_pretrained / load_adapter or set_peft_model_state_dict, which make "
+                "the layers fit the file."
+            )
+        checked.append((name, indices))
+    return checked
+
+
+def conform_layer_to_entries(layer: S2FTLayer, state_dict: dict, prefix: str) -> None:
+    """Check this layer's incoming adapter tensors and present them in the order the layer holds its indices."""
+    for name, indices in _layer_entries(layer, state_dict, prefix):
+        current = layer.selected(name)
+        delta_key, index_key = f"{prefix}{DELTA}.{name}", f"{prefix}{INDICES}.{name}"
+        if not torch.equal(current, indices) and state_dict.get(delta_key) is not None:
+            state_dict[delta_key] = permutation.align(state_dict[delta_key], indices, current, layer.dim)
+        if index_key in state_dict:
+            state_dict[index_key] = current.to(layer.s2ft_indices[name].device)
+
+
+def check_layers_before_loading(root: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Every S2FT layer's entries checked before torch copies the first tensor (torch loads layer by layer)."""
+    for path, module in root.named_modules():
+        if isinstance(module, S2FTLayer):
+            _layer_entries(module, state_dict, f"{prefix}{path}.")
+
+
+def refuse_loading_over_merged(layer: S2FTLayer, adapter_name: str, where: str) -> None:
+    if adapter_name in layer.merged_adapters:
+        raise ValueError(
+            f"Adapter '{adapter_name}' is merged into the base weights (layer '{where}'); loading over it would leave "
+            "its old delta merged in. Call unmerge_adapter() first."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # taking an adapter out again
 def remove_layer_adapter(root: nn.Module, path: str, adapter_name: str) -> None:
+    """Take one adapter out of one layer, leaving the layer's other adapters active or not as they were.
+
+    (PEFT's delete_adapter would activate another adapter in a layer that loses its only active one, while the
+    rest of the model keeps the removed adapter's name active.)
+    """
     layer = root.get_submodule(path)
+    trainable = {name: delta.requires_grad for name, delta in layer.s2ft_delta.items()}
+    layer._active_adapter = [name for name in layer.active_adapters if name != adapter_name]
     layer.delete_adapter(adapter_name)
+    for name, delta in layer.s2ft_delta.items():
+        delta.requires_grad_(trainable[name])
     if not layer.s2ft_delta:
         parent_path, _, child = path.rpartition(".")
         setattr(root.get_submodule(parent_path) if parent_path else root, child, layer.get_base_layer())
@@ -325,7 +360,7 @@ def remove_layer_adapter(root: nn.Module, path: str, adapter_name: str) -> None:
 def undo_injection(root: nn.Module, adapter_name: str, requires_grad: dict[int, bool]) -> None:
     """Take `adapter_name`'s co-permutation and layers out of `root` and restore its `requires_grad` flags."""
     layers = [m for m in root.modules() if isinstance(m, S2FTLayer)]
-    if any(layer.permutation and adapter_name in layer.s2ft_delta for layer in layers):
+    if any(layer.permutation is not None and adapter_name in layer.s2ft_delta for layer in layers):
         # Permute mode allows one adapter per model: these permutations are the removed adapter's.
         permutation.unpermute_model(root)
     for path, module in list(root.named_modules()):
@@ -369,7 +404,8 @@ class LoadAdapterBridge:
                 state_dict = read_checkpoint_files(checkpoint_files or [])
             config = model.peft_config[self.adapter_name]
             state_dict = conform_model_to_checkpoint(model, config, self.adapter_name, state_dict)
-            expected_keys = [n for n, _ in model.named_parameters() if self.adapter_name in n or PREFIX in n]
+            own = (f".{self.adapter_name}.", f".{self.adapter_name}")
+            expected_keys = [n for n, _ in model.named_parameters() if n.endswith(own[1]) or own[0] in n]
             with permutation.state_dict_in_stored_order():
                 return load(model, state_dict, None, load_config, expected_keys)
         except BaseException:

@@ -14,6 +14,23 @@ from .peft_type import S2FTPeftType
 
 SELECTION_STRATEGIES = ("random", "weight_large", "weight_small")
 ALLOCATIONS = ("uniform", "global")
+# The fields (besides target_modules) that decide which heads and channels an adapter trains.
+SELECTION_FIELDS = (
+    "trainable_ratio",
+    "attention_share",
+    "heads_per_layer",
+    "head_ratio",
+    "channels_per_layer",
+    "channel_ratio",
+    "selection",
+    "allocation",
+    "seed",
+    "train_v",
+    "train_up",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+)
 
 
 @dataclass
@@ -77,7 +94,8 @@ class S2FTConfig(PeftConfig):
         default=0,
         metadata={
             "help": "Seed of the selection. It does not touch torch's global random state. A config read from an "
-            "adapter folder (S2FTConfig.from_pretrained) takes that adapter's selection from its file instead."
+            "adapter folder (S2FTConfig.from_pretrained, as PeftModel.from_pretrained does) takes that adapter's "
+            "selection from its file instead, as long as its selection fields are left as read."
         },
     )
     train_v: bool = field(
@@ -100,8 +118,9 @@ class S2FTConfig(PeftConfig):
             "help": "Physically co-permute the coupled weights once, so that the selected block is contiguous: its "
             "input is a slice rather than a gather (the paper's layout). The state dict still shows the original "
             "order. One adapter per model, and only for model types whose per-head tensors are all known (Llama, "
-            "Mistral, Qwen2, Qwen3). Default False: the selection is applied as index maps; both modes train the "
-            "same adapter, and neither writes the base weights during training."
+            "Mistral, Qwen2, Qwen3). On GQA models this mode fills whole K/V groups first when it selects heads, so "
+            "that the block can be contiguous. Default False: the selection is applied as index maps. Neither mode "
+            "writes the base weights during training."
         },
     )
     init_weights: bool = field(
@@ -188,27 +207,61 @@ class S2FTConfig(PeftConfig):
         )
 
     @property
+    def sets_attention_budget(self) -> bool:
+        """True when a field asks for heads explicitly."""
+        return self.head_ratio is not None or self.heads_per_layer not in (None, 0)
+
+    @property
+    def sets_ffn_budget(self) -> bool:
+        """True when a field asks for FFN channels explicitly."""
+        return self.channel_ratio is not None or self.channels_per_layer not in (None, 0)
+
+    @property
     def ffn_off(self) -> bool:
         """True when no budget can select an FFN channel."""
         return self.channels_per_layer == 0 or (
             self.channels_per_layer is None and self.channel_ratio is None and self.attention_share == 1
         )
 
+    def default_target_modules(self) -> set[str]:
+        """The module kinds an adapter may train, given which budgets can be non-zero."""
+        names = set()
+        if not self.attention_off:
+            names |= {"o_proj"} | ({"v_proj"} if self.train_v else set())
+        if not self.ffn_off:
+            names |= {"down_proj"} | ({"up_proj"} if self.train_up else set())
+        return names
+
+    def selection_fingerprint(self) -> tuple:
+        """Every field that decides which units are selected (target_modules resolved as injection resolves it)."""
+        targets = self.default_target_modules() if self.target_modules is None else self.target_modules
+        values = [getattr(self, name) for name in SELECTION_FIELDS] + [targets]
+        return tuple(tuple(sorted(v)) if isinstance(v, (set, list)) else v for v in values)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, remembering where the adapter lives so injection can follow its file's selection."""
+        """PEFT's loader, remembering where the adapter lives so injection can follow its file's selection.
+
+        The link holds only while the selection fields are as read: a config edited into another selection gets a
+        fresh selection.
+        """
         from .checkpoint import AdapterSource
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, S2FTConfig):
             download_kwargs, _, _ = cls._split_kwargs(kwargs)
             download_kwargs.pop("subfolder", None)
-            config._adapter_source = AdapterSource(str(pretrained_model_name_or_path), subfolder, download_kwargs)
+            config._adapter_source = AdapterSource(
+                str(pretrained_model_name_or_path), subfolder, download_kwargs, config.selection_fingerprint()
+            )
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """PEFT's writer, into a temporary folder beside the target, then renamed over the old file."""
+        from .saving import remove_leftovers
+
         os.makedirs(save_directory, exist_ok=True)
+        remove_leftovers(os.path.join(save_directory, ".s2ft-config-*"))
         staging = tempfile.mkdtemp(prefix=".s2ft-config-", dir=save_directory)
         try:
             super().save_pretrained(staging, **kwargs)

@@ -118,13 +118,14 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
                 delta.normal_(std=0.1)
 
     def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
-        """Give an adapter another selection (loading a file whose indices differ from the config's)."""
+        """Give an adapter another selection (loading a file whose indices differ from the config's).
+
+        The Parameter object stays, so an optimizer built before the load keeps updating it (its state for the old
+        shape fails loudly at the next step if the count changed).
+        """
         indices = self._checked_indices(adapter_name, indices)
         param = self.s2ft_delta[adapter_name]
-        self.s2ft_delta[adapter_name] = nn.Parameter(
-            torch.zeros(self.delta_shape(len(indices)), dtype=param.dtype, device=param.device),
-            requires_grad=param.requires_grad,
-        )
+        param.data = torch.zeros(self.delta_shape(len(indices)), dtype=param.dtype, device=param.device)
         self._set_indices(adapter_name, indices)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -215,6 +216,12 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.permutation and not all(entry.still_in_place() for entry in self.permutation):
+            raise RuntimeError(
+                "A module that S2FT co-permuted (permute=True) was wrapped by another PEFT method afterwards. Its "
+                "weight is stored permuted, so that method would compute on the wrong rows or columns. Combine "
+                "methods with S2FT's default mode (permute=False), or merge one of them first."
+            )
         base = self.get_base_layer()
         # Permute mode has one adapter, whose block sits at a contiguous range; otherwise each adapter's indices.
         spec = tuple((self.axis, self.block_range) for _ in active)

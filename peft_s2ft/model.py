@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from peft.config import PeftConfig
@@ -27,18 +28,8 @@ FLAG_OF = {"v_proj": "train_v", "up_proj": "train_up"}
 Plan = dict[str, tuple[str, torch.Tensor]]
 
 
-def default_target_modules(config: S2FTConfig) -> set[str]:
-    """The module kinds an adapter may train, given which budgets can be non-zero."""
-    names = set()
-    if not config.attention_off:
-        names |= {"o_proj"} | ({"v_proj"} if config.train_v else set())
-    if not config.ffn_off:
-        names |= {"down_proj"} | ({"up_proj"} if config.train_up else set())
-    return names
-
-
-def trained_kinds(config: S2FTConfig) -> set[str]:
-    """Which of o/v/down/up_proj the adapter trains; refuses targets that would train nothing or ignore a flag."""
+def trained_kinds(config: S2FTConfig, structure: ModelStructure) -> set[str]:
+    """Which of o/v/down/up_proj the adapter trains; refuses targets that would train nothing or ignore a field."""
     targets = config.target_modules
     if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
         raise ValueError(
@@ -47,32 +38,58 @@ def trained_kinds(config: S2FTConfig) -> set[str]:
             "train_v / train_up. Leave target_modules unset, or list some of "
             f"{', '.join(TRAINABLE_NAMES)}."
         )
-    if isinstance(targets, str):  # a regex over module paths, as in PEFT
-        return set(COLUMN_TRAINED) | {name for name, flag in FLAG_OF.items() if getattr(config, flag)}
-    unknown = set(targets) - set(TRAINABLE_NAMES)
-    if unknown:
-        raise ValueError(
-            f"S2FTConfig.target_modules contains {sorted(unknown)}: S2FT trains only {TRAINABLE_NAMES} "
-            "(set the budget fields and train_v / train_up instead)."
-        )
-    for name, flag in FLAG_OF.items():
-        if name in targets and not getattr(config, flag):
+    if isinstance(targets, str):  # a regex over module paths, matched as PEFT matches it
+        named = {
+            name
+            for block in (*structure.attention, *structure.ffn)
+            for name in TRAINABLE_NAMES
+            if name in block.member_names and re.fullmatch(targets, block.module(name))
+        }
+    else:
+        named = set(targets)
+        unknown = named - set(TRAINABLE_NAMES)
+        if unknown:
             raise ValueError(
-                f"S2FTConfig.target_modules names '{name}' but {flag}=False: set {flag}=True to train the "
+                f"S2FTConfig.target_modules contains {sorted(unknown)}: S2FT trains only {TRAINABLE_NAMES} "
+                "(set the budget fields and train_v / train_up instead)."
+            )
+    shown = repr(targets) if isinstance(targets, str) else sorted(targets)
+    for name, flag in FLAG_OF.items():
+        if name in named and not getattr(config, flag):
+            raise ValueError(
+                f"S2FTConfig.target_modules={shown} names '{name}' but {flag}=False: set {flag}=True to train the "
                 f"{name.split('_')[0]} rows of the selected units."
             )
-        if getattr(config, flag) and name not in targets:
+        if getattr(config, flag) and name not in named:
             raise ValueError(
-                f"S2FTConfig.{flag}=True, but target_modules={sorted(targets)} does not include '{name}': add it, "
-                "or leave target_modules unset."
+                f"S2FTConfig.{flag}=True, but target_modules={shown} does not name '{name}': add it, or leave "
+                "target_modules unset."
             )
-    return set(targets)
+    for part, names, off, budget_set, fields in (
+        ("heads", ATTENTION_TRAINED, config.attention_off, config.sets_attention_budget, "heads_per_layer/head_ratio"),
+        ("channels", FFN_TRAINED, config.ffn_off, config.sets_ffn_budget, "channels_per_layer/channel_ratio"),
+    ):
+        if named & set(names) and off:
+            raise ValueError(
+                f"S2FTConfig.target_modules={shown} names {sorted(named & set(names))}, but the budget selects no "
+                f"{part} ({fields} = 0, or attention_share at its limit). Change the budget or the targets."
+            )
+        if not named & set(names) and budget_set:
+            raise ValueError(
+                f"S2FTConfig sets {fields} but target_modules={shown} names none of {list(names)}: nothing would "
+                f"use those {part}. Add the module or drop the field."
+            )
+    if not named:
+        raise ValueError(
+            f"S2FTConfig.target_modules={shown} names no module S2FT trains ({', '.join(TRAINABLE_NAMES)})."
+        )
+    return named
 
 
 def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructure | None = None) -> Plan:
     """Every module the adapter trains, with its axis and indices (original coordinates)."""
     structure = structure or discover_structure(model)
-    kinds = trained_kinds(config)
+    kinds = trained_kinds(config, structure)
 
     def wanted(block, names) -> list[str]:
         return [n for n in names if n in kinds and check_target_module_exists(config, block.module(n))]
@@ -159,12 +176,20 @@ class S2FTModel(BaseTuner):
         # A single config (not a dict) means `inject_adapter_in_model`, which transformers' `load_adapter` uses
         # before loading the file its own way; see checkpoint.LoadAdapterBridge.
         self._injected_directly = isinstance(peft_config, PeftConfig)
-        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        shared = getattr(model, "peft_config", None)  # a model that already holds adapters shares its dict
+        known = set(shared) if isinstance(shared, dict) else set()
+        try:
+            super().__init__(
+                model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+            )
+        except BaseException:
+            if isinstance(shared, dict) and adapter_name not in known:
+                shared.pop(adapter_name, None)  # a refused adapter must not stay registered on the model
+            raise
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = default_target_modules(peft_config)
-        trained_kinds(peft_config)  # refuse contradictory targets early
+            peft_config.target_modules = peft_config.default_target_modules()
         return peft_config
 
     def _check_new_adapter_config(self, config: S2FTConfig) -> None:
@@ -184,9 +209,13 @@ class S2FTModel(BaseTuner):
         if config.permute:
             permutation.check_permutable(model)
         source = getattr(config, "_adapter_source", None)
+        if source is not None and source.fingerprint != config.selection_fingerprint():
+            source = None  # edited since it was read: the user asks for another selection
         state_dict = source.read() if source is not None else None
-        plan = checkpoint.check_checkpoint(model, state_dict) if state_dict else {}
-        plan = plan or selection_plan(config, model, structure)
+        if state_dict is not None:
+            plan = checkpoint.check_checkpoint(model, state_dict)
+        else:
+            plan = selection_plan(config, model, structure)
         refuse_foreign_layers(model, structure, plan, config.permute)
         if config.permute:
             permutation.check_contiguous(model, plan)
@@ -291,6 +320,11 @@ class S2FTModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the file holds indices (original coordinates) and deltas; loading follows the file
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # torch loads module by module: check every layer's adapter tensors before the first one is copied.
+        checkpoint.check_layers_before_loading(self.model, state_dict, prefix + "model.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: S2FTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]

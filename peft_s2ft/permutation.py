@@ -89,13 +89,54 @@ def _block_heads(block, o_columns: torch.Tensor | None, v_rows: torch.Tensor | N
     return [g * block.group_size + i for g in groups for i in range(block.group_size)]
 
 
+# (module path, weight dimension, order): the permutation of one member of a block
+Member = tuple[str, int, torch.Tensor]
+
+
+def block_orders(structure, selected: dict[str, torch.Tensor]) -> list[tuple[str, list[Member]]]:
+    """For every block that `selected` (module path -> trained indices) trains: its owner and members' orders.
+
+    Pure: it moves nothing, and raises if co-permutation cannot bring every trained module's indices to the front
+    of its block (heads in more than one partly selected K/V group, O columns that are not whole heads, V rows
+    outside the selected heads' groups, up rows other than the down columns).
+    """
+    plans = []
+    for block in structure.attention:
+        o_path, v_path = block.module("o_proj"), block.module("v_proj")
+        if o_path not in selected and v_path not in selected:
+            continue
+        heads = _block_heads(block, selected.get(o_path), selected.get(v_path))
+        query, groups = head_order(heads, block.num_heads, block.group_size)
+        query_rows, group_rows = _expand(query, block.head_dim), _expand(groups, block.head_dim)
+        members = [
+            (block.module("q_proj"), 0, query_rows),
+            (block.module("k_proj"), 0, group_rows),
+            (v_path, 0, group_rows),
+            (o_path, 1, query_rows),
+        ]
+        plans.append((o_path if o_path in selected else v_path, members))
+    for block in structure.ffn:
+        down_path, up_path = block.module("down_proj"), block.module("up_proj")
+        if down_path not in selected and up_path not in selected:
+            continue
+        chosen = set(selected.get(down_path, selected.get(up_path)).tolist())
+        order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in chosen))
+        members = [(block.module("gate_proj"), 0, order), (up_path, 0, order), (down_path, 1, order)]
+        plans.append((down_path if down_path in selected else up_path, members))
+    for _, members in plans:
+        for path, _, order in members:
+            if path in selected and set(order[: len(selected[path])].tolist()) != set(selected[path].tolist()):
+                raise ValueError(
+                    f"permute=True cannot make the units trained in '{path}' contiguous: its indices are not whole "
+                    "heads, or value rows outside the selected heads' K/V groups, or up rows other than the down "
+                    "columns. The default mode (permute=False) trains such a selection."
+                )
+    return plans
+
+
 def check_contiguous(model: nn.Module, plan: dict[str, tuple[str, torch.Tensor]]) -> None:
     """Refuse, before anything moves, a selection that co-permutation cannot make contiguous."""
-    for block in discover_structure(model).attention:
-        o_entry, v_entry = plan.get(block.module("o_proj")), plan.get(block.module("v_proj"))
-        if o_entry is not None or v_entry is not None:
-            heads = _block_heads(block, o_entry and o_entry[1], v_entry and v_entry[1])
-            head_order(heads, block.num_heads, block.group_size)
+    block_orders(discover_structure(model), {path: indices for path, (_, indices) in plan.items()})
 
 
 @dataclass
@@ -105,11 +146,19 @@ class _Permuted:
     linear: nn.Linear
     dim: int
     order: torch.Tensor  # stored[i] = original[order[i]]
+    parent: nn.Module  # the module holding it (or the S2FT layer wrapping it) as attribute `child`
+    child: str
     inverse: torch.Tensor = field(init=False)
     handles: list = field(default_factory=list)
+    holder: nn.Module = field(init=False)  # what `parent.<child>` was when it was permuted
 
     def __post_init__(self) -> None:
         self.inverse = torch.argsort(self.order)
+        self.holder = getattr(self.parent, self.child)
+
+    def still_in_place(self) -> bool:
+        """False once another method has wrapped this module: it would see the permuted weight as original."""
+        return getattr(self.parent, self.child) is self.holder
 
     def _reorder(self, module: nn.Module, state: dict, prefix: str, order: torch.Tensor) -> None:
         for name, dim in (("weight", self.dim), ("bias", 0)):
@@ -157,9 +206,7 @@ def _enter_block(layer: S2FTLayer, adapter_name: str, order: torch.Tensor) -> No
     """Turn an index-mode layer into a block at the front of its co-permuted weight."""
     old = layer.selected(adapter_name)
     count = len(old)
-    new = order[:count]
-    if set(new.tolist()) != set(old.tolist()):
-        raise RuntimeError("internal error: the co-permutation does not bring the selected units to the front")
+    new = order[:count]  # the same set as `old`: block_orders checked it
     with torch.no_grad():
         delta = layer.s2ft_delta[adapter_name]
         delta.data = align(delta.data, old, new, layer.dim)
@@ -167,63 +214,31 @@ def _enter_block(layer: S2FTLayer, adapter_name: str, order: torch.Tensor) -> No
     layer.block_range = (0, count)
 
 
-def _trained_layer(model: nn.Module, path: str, adapter_name: str) -> S2FTLayer | None:
-    module = model.get_submodule(path)
-    return module if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_indices else None
-
-
 def permute_model(model: nn.Module, adapter_name: str) -> None:
     """Co-permute every block in which `adapter_name` trains something (after its layers were attached).
 
-    All orders are computed before the first weight moves, so a selection that cannot be made contiguous is
-    refused with the model untouched.
+    All orders are computed and checked before the first weight moves, and each permuted linear is recorded on its
+    block's owner as soon as it moves, so `unpermute_model` can always undo what was done.
     """
     check_permutable(model)
-    structure = discover_structure(model)
-    plans = []
-    for block in structure.attention:
-        o_layer = _trained_layer(model, block.module("o_proj"), adapter_name)
-        v_layer = _trained_layer(model, block.module("v_proj"), adapter_name)
-        if o_layer is None and v_layer is None:
-            continue
-        heads = _block_heads(
-            block, o_layer and o_layer.selected(adapter_name), v_layer and v_layer.selected(adapter_name)
-        )
-        query, groups = head_order(heads, block.num_heads, block.group_size)
-        query_rows, group_rows = _expand(query, block.head_dim), _expand(groups, block.head_dim)
-        members = [
-            (block.module("q_proj"), 0, query_rows, None),
-            (block.module("k_proj"), 0, group_rows, None),
-            (block.module("v_proj"), 0, group_rows, v_layer),
-            (block.module("o_proj"), 1, query_rows, o_layer),
-        ]
-        plans.append((o_layer or v_layer, members))
-    for block in structure.ffn:
-        down_layer = _trained_layer(model, block.module("down_proj"), adapter_name)
-        up_layer = _trained_layer(model, block.module("up_proj"), adapter_name)
-        if down_layer is None and up_layer is None:
-            continue
-        selected = set((down_layer or up_layer).selected(adapter_name).tolist())
-        order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in selected))
-        members = [
-            (block.module("gate_proj"), 0, order, None),
-            (block.module("up_proj"), 0, order, up_layer),
-            (block.module("down_proj"), 1, order, down_layer),
-        ]
-        plans.append((down_layer or up_layer, members))
-    for owner, members in plans:
-        _install(owner, members, model, adapter_name)
-
-
-def _install(owner: S2FTLayer, members, model: nn.Module, adapter_name: str) -> None:
-    permuted = []
-    for key, dim, order, trained_layer in members:
-        entry = _Permuted(base_layer_of(model.get_submodule(key)), dim, order)
-        entry.install()
-        if trained_layer is not None:
-            _enter_block(trained_layer, adapter_name, order)
-        permuted.append(entry)
-    owner.permutation = permuted
+    trained = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_indices
+    }
+    selected = {path: layer.selected(adapter_name) for path, layer in trained.items()}
+    for owner_path, members in block_orders(discover_structure(model), selected):
+        owner = trained[owner_path]
+        owner.permutation = []
+        for path, dim, order in members:
+            parent_path, _, child = path.rpartition(".")
+            entry = _Permuted(
+                base_layer_of(model.get_submodule(path)), dim, order, model.get_submodule(parent_path), child
+            )
+            entry.install()
+            owner.permutation.append(entry)
+            if path in trained:
+                _enter_block(trained[path], adapter_name, order)
 
 
 def unpermute_model(model: nn.Module) -> None:

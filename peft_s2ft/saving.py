@@ -1,22 +1,28 @@
 """Saving an adapter: a crash mid-write never replaces a good adapter, and no base weight is copied.
 
-`PeftModel.save_pretrained` writes the weights file straight into its final path, so an exception or a kill
-mid-write leaves a truncated file where the previous adapter was; and it reads the whole model state dict to pick
-the adapter's tensors out of it, which in permute mode would un-permute (copy) every permuted base weight first.
-PEFT has no hook for either, so `install()` wraps the two names its save path calls, in `peft.peft_model` only:
+`PeftModel.save_pretrained` and transformers' `save_pretrained` of a model with an injected adapter write the
+weights file straight into its final path, so an exception or a kill mid-write leaves a truncated file where the
+previous adapter was; and both read the whole model state dict to pick the adapter's tensors out of it, which in
+permute mode would un-permute (copy) every permuted base weight first. Neither library has a hook for this, so
+`install()` wraps the names their save paths call:
 
-- `safe_save_file`: for S2FT tensors, write to a temporary file in the same folder, then rename it into place
-  (atomic on POSIX and Windows); any other adapter's tensors are written exactly as before.
-- `get_peft_model_state_dict`: permuted weights appear as stored (no copy) while it runs; it keeps only
-  adapter tensors, which do not depend on the presentation. Models without permuted weights are unaffected.
+- `safe_save_file` (in `peft.peft_model` and `transformers.modeling_utils`): for S2FT tensors, write to a
+  temporary file in the same folder, then rename it into place (atomic on POSIX and Windows); any other
+  tensors are written exactly as before.
+- `get_peft_model_state_dict` (in `peft.peft_model`, and `peft`'s own, which transformers imports): permuted
+  weights appear as stored (no copy) while it runs; it keeps only adapter tensors, which do not depend on the
+  presentation. Models without permuted weights are unaffected.
 
-The config file is written the same way by `S2FTConfig.save_pretrained`.
+The config file is written the same way by `S2FTConfig.save_pretrained`. Temporary files a killed save left
+behind are removed by the next save into the same folder.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 
@@ -32,6 +38,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     The writer creates the temporary file itself, so it gets the permissions a plain write would give it.
     """
     folder, name = os.path.split(os.path.abspath(path))
+    remove_leftovers(os.path.join(folder, f".{name}.*.tmp"))
     temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         write(temporary)
@@ -42,6 +49,15 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def remove_leftovers(pattern: str) -> None:
+    """Delete what a save that was killed midway left behind (files or folders matching `pattern`)."""
+    for leftover in glob.glob(pattern):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            os.remove(leftover)
 
 
 def _atomic_safe_save_file(save_file: Callable) -> Callable:
@@ -66,13 +82,17 @@ def _state_dict_without_base_copies(get_state_dict: Callable) -> Callable:
 
 
 def install() -> None:
-    """Wrap PEFT's save path once (importing peft_s2ft again is harmless)."""
+    """Wrap PEFT's and transformers' save paths once (importing peft_s2ft again is harmless)."""
+    import peft
     from peft import peft_model
+    from transformers import modeling_utils
 
-    for name, wrap in (
-        ("safe_save_file", _atomic_safe_save_file),
-        ("get_peft_model_state_dict", _state_dict_without_base_copies),
+    for module, name, wrap in (
+        (peft_model, "safe_save_file", _atomic_safe_save_file),
+        (modeling_utils, "safe_save_file", _atomic_safe_save_file),
+        (peft_model, "get_peft_model_state_dict", _state_dict_without_base_copies),
+        (peft, "get_peft_model_state_dict", _state_dict_without_base_copies),
     ):
-        current = getattr(peft_model, name)
+        current = getattr(module, name)
         if not getattr(current, _WRAPPED, False):
-            setattr(peft_model, name, wrap(current))
+            setattr(module, name, wrap(current))

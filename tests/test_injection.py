@@ -104,3 +104,67 @@ def test_reloading_a_selection_that_cannot_be_made_contiguous_keeps_the_permute_
     with pytest.raises(ValueError, match="partly selected K/V groups"):
         model.load_adapter(tmp_path, adapter_name="default")  # over the existing adapter, as a resume does
     assert_same_snapshot(before, model_snapshot(model))
+
+
+def _rewrite(path, edit):
+    tensors = load_file(path / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+def _key(tensors, suffix):
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+def _up_rows_not_down_columns(t):
+    down = t[_key(t, "layers.1.mlp.down_proj.s2ft_indices")]
+    others = [c for c in range(48) if c not in set(down.tolist())]
+    t[_key(t, "layers.1.mlp.up_proj.s2ft_indices")] = torch.tensor(others[: len(down)])
+
+
+def _value_rows_of_another_group(t):
+    heads = set((t[_key(t, "layers.0.self_attn.o_proj.s2ft_indices")] // 8).tolist())  # head_dim 8
+    other = next(g for g in range(2) if not any(h // 2 == g for h in heads))  # group size 2
+    t[_key(t, "layers.0.self_attn.v_proj.s2ft_indices")] = torch.arange(other * 8, other * 8 + 8)
+
+
+def _columns_not_whole_heads(t):
+    key = _key(t, "layers.0.self_attn.o_proj.s2ft_indices")
+    t[key] = t[key] + 4  # half of one head and half of the next
+
+
+UNCONTIGUOUS = {
+    "up rows other than down columns": (dict(train_up=True), _up_rows_not_down_columns),
+    "value rows outside the heads' groups": (dict(train_v=True), _value_rows_of_another_group),
+    "columns that are not whole heads": ({}, _columns_not_whole_heads),
+}
+
+
+@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "transformers load_adapter", "over the same name"])
+@pytest.mark.parametrize("case", list(UNCONTIGUOUS))
+def test_a_permute_mode_file_whose_units_cannot_lead_their_block_is_refused_with_nothing_changed(
+    load, tmp_path, loader, case
+):
+    extra, edit = UNCONTIGUOUS[case]
+    fields = {"heads_per_layer": 2, "channels_per_layer": 3, "permute": True} | extra  # 2 heads: one K/V group
+    get_peft_model(load("llama-gqa"), _config(init_weights=False, **extra, permute=True)).save_pretrained(tmp_path)
+    _rewrite(tmp_path, edit)
+    model = load("llama-gqa")
+    if loader == "over the same name":
+        model = get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", **fields))
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="cannot make the units trained in .* contiguous"):
+        if loader == "PeftModel.from_pretrained":
+            PeftModel.from_pretrained(model, tmp_path)
+        elif loader == "transformers load_adapter":
+            model.load_adapter(str(tmp_path), adapter_name="loaded")
+        else:
+            model.load_adapter(tmp_path, adapter_name="default")
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_another_method_wrapping_a_co_permuted_module_afterwards_fails_loudly(load, input_ids):
+    model = get_peft_model(load("llama-gqa"), _config(permute=True))
+    inject_adapter_in_model(LoraConfig(target_modules=["q_proj"]), model.base_model.model, adapter_name="lora")
+    with pytest.raises(RuntimeError, match="co-permuted .* was wrapped by another PEFT method"):
+        model(input_ids)

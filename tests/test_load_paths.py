@@ -214,3 +214,111 @@ def test_a_pickled_adapter_of_plain_tensors_still_loads(load, input_ids, tmp_pat
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / ADAPTER_FILE).exists()
     torch.testing.assert_close(LOADERS[loader](load("llama-mha"), tmp_path)(input_ids).logits, expected)
+
+
+def test_a_refused_transformers_load_leaves_the_models_other_adapters_registered_as_they_were(load, tmp_path):
+    first, refused = tmp_path / "first", tmp_path / "refused"
+    get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(first)
+    get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", permute=True)).save_pretrained(refused)
+    model = load("llama-mha")
+    model.load_adapter(str(first), adapter_name="first")
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="single adapter per model"):
+        model.load_adapter(str(refused), adapter_name="refused")
+    assert list(model.peft_config) == ["first"]
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_loading_a_file_with_fewer_layers_over_an_adapter_keeps_every_layers_active_adapter(load, input_ids, tmp_path):
+    config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, layers_to_transform=[0], seed=2)
+    saved = get_peft_model(load("llama-mha"), config)
+    saved.save_pretrained(tmp_path)
+    model = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=0))
+    model.add_adapter("other", S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=1))
+    model.load_adapter(tmp_path, adapter_name="default")
+    layers = [m for m in model.modules() if isinstance(m, S2FTLayer)]
+    assert {tuple(m.active_adapters) for m in layers} <= {("default",), ()}
+    assert not any(m.s2ft_delta["other"].requires_grad for m in layers if "other" in m.s2ft_delta)
+    torch.testing.assert_close(model(input_ids).logits, saved(input_ids).logits)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_loading_over_a_merged_adapter_is_refused_with_nothing_changed(load, tmp_path, permute):
+    get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", seed=1, permute=permute)).save_pretrained(
+        tmp_path
+    )
+    model = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, permute=permute))
+    model.merge_adapter()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match="merged into the base weights.*unmerge_adapter"):
+        model.load_adapter(tmp_path, adapter_name="default")
+    state = {k: v.clone() for k, v in model.state_dict().items() if "s2ft_" in k}
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        model.load_state_dict(state, strict=False)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_torch_load_state_dict_checks_every_layer_before_copying_any(load):
+    torch.manual_seed(1)  # same selection as the model below, other delta values
+    source = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=0))
+    state = {k: v.clone() for k, v in source.state_dict().items() if "s2ft_" in k}
+    bad = next(k for k in state if "layers.1.mlp.down_proj.s2ft_indices" in k)
+    state[bad] = state[bad] + 1000
+    torch.manual_seed(2)
+    model = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=0))
+    before = model_snapshot(model)
+    with pytest.raises(AdapterMismatchError, match=r"layers\.1\.mlp\.down_proj"):
+        model.load_state_dict(state, strict=False)
+    assert_same_snapshot(before, model_snapshot(model))  # layer 0's good tensors were not copied either
+    other = next(k for k in state if "layers.1.self_attn.o_proj.s2ft_indices" in k)
+    other_delta = other.replace("s2ft_indices", "s2ft_delta")
+    state[bad] = state[bad] - 1000
+    state[other], state[other_delta] = state[other].flip(0), state[other_delta].flip(1)  # same units, other order
+    model.load_state_dict(state, strict=False)
+    for name, layer in model.named_modules():
+        if isinstance(layer, S2FTLayer):
+            dense = layer.get_delta_weight("default")
+            expected = source.get_submodule(name).get_delta_weight("default")
+            torch.testing.assert_close(dense, expected)
+
+
+def test_a_load_over_an_adapter_keeps_its_parameters_so_an_existing_optimizer_still_trains(load, input_ids, tmp_path):
+    get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", seed=5)).save_pretrained(tmp_path)
+    model = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", seed=0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
+    before = model(input_ids).logits.detach()
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model(input_ids).logits, before)
+
+
+def test_a_config_read_from_a_folder_and_then_edited_gets_the_edited_selection(load, tmp_path):
+    kwargs = dict(task_type="CAUSAL_LM", seed=5, heads_per_layer=2, channels_per_layer=4)
+    get_peft_model(load("llama-mha"), S2FTConfig(**kwargs)).save_pretrained(tmp_path)
+    unchanged = get_peft_model(load("llama-mha"), S2FTConfig.from_pretrained(tmp_path))
+    edited_config = S2FTConfig.from_pretrained(tmp_path)
+    edited_config.heads_per_layer, edited_config.train_up, edited_config.target_modules = 1, True, None
+    edited = get_peft_model(load("llama-mha"), edited_config)
+    widths = {n: b.numel() for n, b in edited.named_buffers() if "s2ft_indices" in n}
+    assert any("up_proj" in n for n in widths) and all(w == 8 for n, w in widths.items() if "o_proj" in n)
+    assert not any("up_proj" in n for n, _ in unchanged.named_buffers())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.update({k: v.round().long() for k, v in t.items() if k.endswith("delta")}), "dtype torch.int64"),
+        (lambda t: [t.pop(k) for k in list(t)] and t.update({"unrelated.weight": torch.zeros(2)}), "no S2FT layer"),
+    ],
+)
+def test_files_that_are_not_float_s2ft_adapters_are_refused(load, tmp_path, edit, message):
+    get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    _edit_tensors(edit)(tmp_path)
+    model = load("llama-mha")
+    before = model_snapshot(model)
+    with pytest.raises(AdapterMismatchError, match=message):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert_same_snapshot(before, model_snapshot(model))

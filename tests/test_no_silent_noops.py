@@ -21,10 +21,17 @@ def _trainable(model) -> dict[str, int]:
         ({"target_modules": "all-linear"}, "all-linear' has no meaning for S2FT"),
         ({"target_modules": ["v_proj"]}, "names 'v_proj' but train_v=False"),
         ({"target_modules": ["o_proj"], "train_v": True}, r"train_v=True, but target_modules=\['o_proj'\]"),
-        ({"target_modules": ["down_proj"], "train_up": True}, "does not include 'up_proj'"),
+        ({"target_modules": ["down_proj"], "train_up": True}, "does not name 'up_proj'"),
         ({"layers_to_transform": [7]}, "nothing to train"),
         ({"exclude_modules": r".*(o_proj|down_proj)"}, "nothing to train"),
         ({"target_modules": ["q_proj"]}, r"contains \['q_proj'\]"),
+        ({"target_modules": r".*\.o_proj", "train_up": True}, "train_up=True, but target_modules=.* does not name"),
+        ({"target_modules": r".*\.(o|v)_proj"}, "names 'v_proj' but train_v=False"),
+        ({"target_modules": ["o_proj"], "channels_per_layer": 8}, "sets channels_per_layer/channel_ratio but"),
+        ({"target_modules": ["down_proj"], "heads_per_layer": 2}, "sets heads_per_layer/head_ratio but"),
+        ({"target_modules": ["o_proj", "down_proj"], "attention_share": 0.0}, "selects no heads"),
+        ({"target_modules": ["o_proj", "down_proj"], "attention_share": 1.0}, "selects no channels"),
+        ({"target_modules": r".*\.q_proj"}, "names no module S2FT trains"),
     ],
 )
 def test_a_config_that_would_train_nothing_or_ignore_a_flag_raises(load, kwargs, message):

@@ -71,14 +71,19 @@ def test_compiles_to_one_graph_with_the_eager_gradients(load, input_ids, permute
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("through", ["PeftModel", "transformers"])
 @pytest.mark.parametrize("permute", MODES)
-def test_saving_allocates_no_more_than_the_adapter(tmp_path, permute):
+def test_saving_allocates_no_more_than_the_adapter(tmp_path, permute, through):
     config = LlamaConfig(
         vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4
     )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     model = get_peft_model(base, S2FTConfig(task_type="CAUSAL_LM", permute=permute, heads_per_layer=1))
+    if through == "transformers":  # an adapter injected into the transformers model, saved by transformers
+        model.save_pretrained(tmp_path / "source")
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_adapter(str(tmp_path / "source"), adapter_name="default")
     model.save_pretrained(tmp_path)  # first save: folder, model card
     adapter_bytes = os.path.getsize(tmp_path / "adapter_model.safetensors")
     permuted_weight_bytes = 2 * (4 * 256 * 256 + 3 * 256 * 1024) * 4

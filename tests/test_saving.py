@@ -96,3 +96,30 @@ def test_a_config_write_that_fails_leaves_the_previous_config(load, tmp_path, mo
     assert (tmp_path / "adapter_config.json").read_text() == before
     assert json.loads(before)["seed"] == 0
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_transformers_save_of_an_injected_adapter_that_raises_midway_leaves_the_previous_one(
+    load, input_ids, tmp_path, monkeypatch
+):
+    source = tmp_path / "source"
+    _adapter(load, seed=0).save_pretrained(source)
+    model = load("llama-gqa")
+    model.load_adapter(str(source), adapter_name="default")
+    expected = model(input_ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", _half_then(_raise))
+    with pytest.raises(OSError, match="simulated"):
+        model.save_pretrained(tmp_path / "saved")
+    monkeypatch.undo()
+    reloaded = load("llama-gqa")
+    reloaded.load_adapter(str(tmp_path / "saved"), adapter_name="default")
+    torch.testing.assert_close(reloaded(input_ids).logits, expected)
+
+
+def test_the_next_save_removes_what_a_killed_save_left_behind(load, tmp_path):
+    model = _adapter(load, seed=0)
+    model.save_pretrained(tmp_path)
+    (tmp_path / ".adapter_model.safetensors.0123abcd.tmp").write_bytes(b"half")
+    (tmp_path / ".s2ft-config-leftover").mkdir()
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
