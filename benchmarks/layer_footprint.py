@@ -16,8 +16,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_s2ft
-from peft_s2ft.embedded_model import resolve_model
 from peft_s2ft.selection import count_parameters
+from peft_s2ft.train.embedded_model import resolve_model
 
 
 def saved_bytes(forward) -> int:

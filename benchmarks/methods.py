@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peft_s2ft.lora_baseline import PAPER_LORA_TARGETS, lora_config
-from peft_s2ft.lora_baseline import matched_lora_rank as _matched_rank
+from peft_s2ft.train.lora_baseline import PAPER_LORA_TARGETS, lora_config
+from peft_s2ft.train.lora_baseline import matched_lora_rank as _matched_rank
 
 METHODS = ("limit", "full", "lora", "lora-all", "s2ft", "s2ft-permute")
 # "lora" is the paper's baseline (q, k, v, up, down); "lora-all" adapts every linear layer.

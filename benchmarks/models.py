@@ -51,7 +51,7 @@ def load_base_model(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     else:
         source = name
         if name == EMBEDDED:
-            from peft_s2ft.embedded_model import embedded_model_path
+            from peft_s2ft.train.embedded_model import embedded_model_path
 
             source = embedded_model_path()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

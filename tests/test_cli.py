@@ -10,8 +10,8 @@ import sys
 import pytest
 from tiny_chat import save_tiny_llama
 
-from peft_s2ft import cli, embedded_model
-from peft_s2ft.train_report import ADAPTER_FILE, REPORT_FILE
+from peft_s2ft.train import cli, embedded_model
+from peft_s2ft.train.report import ADAPTER_FILE, REPORT_FILE
 
 # CI-sized: a few steps on a few problems, short generations.
 QUICK = ["--max-steps", "2", "--train-samples", "8", "--eval-samples", "3", "--batch-size", "4"]
@@ -102,7 +102,7 @@ def test_bad_numbers_are_clean_errors(tiny_model, capsys, option, value, message
 def test_default_task_keeps_problems_within_max_number():
     from tiny_chat import tiny_chat_tokenizer
 
-    from peft_s2ft.task import largest_number
+    from peft_s2ft.train.task import largest_number
 
     sizes = ["--train-samples", "12", "--eval-samples", "4", "--max-length", "4096"]
     args = cli.build_parser().parse_args(["train", *sizes, "--max-number", "50"])

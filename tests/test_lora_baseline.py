@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from peft_s2ft.lora_baseline import PAPER_LORA_TARGETS, lora_config, lora_params_per_rank, matched_lora_rank
+from peft_s2ft.train.lora_baseline import PAPER_LORA_TARGETS, lora_config, lora_params_per_rank, matched_lora_rank
 
 
 def _block() -> nn.Module:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def smollm2_path() -> str:
-    from peft_s2ft.embedded_model import embedded_model_path
+    from peft_s2ft.train.embedded_model import embedded_model_path
 
     return embedded_model_path()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_chat import tiny_chat_tokenizer
 
-from peft_s2ft.task import (
+from peft_s2ft.train.task import (
     IGNORE_INDEX,
     CompletionCollator,
     DataError,

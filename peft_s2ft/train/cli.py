@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ALLOCATIONS, SELECTION_STRATEGIES
+from ..config import ALLOCATIONS, SELECTION_STRATEGIES
 
 DEFAULTS = dict(max_steps=64, eval_samples=80, batch_size=8, max_length=192, max_number=100, eval_batch_size=40, seed=0)
 LEARNING_RATES = {"s2ft": 3e-3, "lora": 1e-3}
@@ -184,7 +184,7 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 
 def s2ft_config(args: argparse.Namespace, **overrides: Any) -> Any:
-    from . import S2FTConfig
+    from .. import S2FTConfig
 
     fields = dict(
         task_type="CAUSAL_LM",
@@ -325,8 +325,8 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     from .embedded_model import ModelUnavailableError, resolve_model
+    from .report import TrainReport, adapter_bytes, peak_cuda_bytes, peak_rss_bytes
     from .task import CompletionCollator, completion_token_lengths, encode_split, evaluate
-    from .train_report import TrainReport, adapter_bytes, peak_cuda_bytes, peak_rss_bytes
 
     _validate(args)
     started = time.perf_counter()
