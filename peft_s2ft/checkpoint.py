@@ -31,23 +31,34 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import permutation
-from .layer import S2FTLayer, attach
-from .partial_backprop import COLUMNS, ROWS
+from .architectures import EXPERTS, describe
+from .architectures.discovery import base_layer_of
+from .experts import S2FTExpertsLayer, attach_experts
+from .layer import S2FTLayer, S2FTTunerLayer, attach
+from .linear_like import features
+from .partial_backprop import COLUMNS
 from .peft_type import PREFIX
-from .structures import ATTENTION_NAMES, FFN_NAMES, base_layer_of, discover_structure
 
 DELTA, INDICES = f"{PREFIX}delta", f"{PREFIX}indices"
 CHECKPOINT_PREFIX = "base_model.model."
-AXIS_OF_ROLE = {"o_proj": COLUMNS, "down_proj": COLUMNS, "v_proj": ROWS, "up_proj": ROWS}
+
+
+PERMUTE_EXPERTS = (
+    "S2FTConfig.permute=True does not support fused mixture-of-experts layers yet (their channels would have to move "
+    "per expert). Use permute=False: the default mode trains the same adapter on experts, with partial "
+    "back-propagation."
+)
 
 
 class AdapterMismatchError(ValueError):
     """The adapter file does not fit this base model, or is not a well-formed S2FT adapter."""
 
 
-def refuse_module_like_adapter_names(peft_config: dict) -> None:
+def refuse_module_like_adapter_names(peft_config: dict, model: nn.Module) -> None:
     """Adapter names equal to a module path segment silently truncate saved checkpoints (PEFT #3584)."""
-    reserved = {"model", "layers", "self_attn", "mlp", "base_layer", *ATTENTION_NAMES, *FFN_NAMES, DELTA, INDICES}
+    # The segments of the paths an S2FT checkpoint's keys are made of.
+    segments = {segment for path in describe(model).trainable_paths() for segment in path.split(".")}
+    reserved = {"model", "base_model", "base_layer", DELTA, INDICES} | segments
     for name in peft_config:
         if name in reserved:
             raise ValueError(
@@ -198,23 +209,101 @@ def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
             f"The adapter file holds no S2FT layer (no '.{DELTA}' / '.{INDICES}' entries among its "
             f"{len(state_dict)} tensors); it is not an S2FT adapter, or it was saved without its weights."
         )
-    structure = discover_structure(root)
+    trainable = describe(root).trainable_paths()
     checked = {}
     for path, found in entries.items():
         missing = {DELTA, INDICES} - set(found)
         if missing:
             raise AdapterMismatchError(f"Adapter file: layer '{path}' has no {sorted(missing)[0]} entry.")
-        role = structure.role_of(path)
-        if role is None or role[0] not in AXIS_OF_ROLE:
+        if path not in trainable:
             raise AdapterMismatchError(
                 f"Adapter file: layer '{path}' is not an output/down/value/up projection of this base model "
                 f"({type(root).__name__}); the adapter was made for another model."
             )
-        axis = AXIS_OF_ROLE[role[0]]
-        linear = base_layer_of(root.get_submodule(path))
-        indices = check_entry(path, linear.in_features, linear.out_features, axis, found[INDICES], found[DELTA])
+        block, role = trainable[path]
+        if role == EXPERTS:
+            checked[path] = (EXPERTS, check_experts_entry(path, block, found[INDICES], found[DELTA]))
+            continue
+        axis = block.trained[role].axis
+        out_features, in_features = features(base_layer_of(root.get_submodule(path)))
+        indices = check_entry(path, in_features, out_features, axis, found[INDICES], found[DELTA])
         checked[path] = (axis, indices)
     return checked
+
+
+def check_experts_entry(where: str, block, indices: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """Validate an experts layer's [E, k] channels and [E, H, k] delta; return the indices as int64 on the CPU."""
+    experts, hidden, channels = block.num_experts, block.hidden_size, block.num_channels
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.ndim != 2
+        or indices.shape[0] != experts
+        or not indices.shape[1]
+    ):
+        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise AdapterMismatchError(
+            f"Adapter file: experts layer '{where}' has indices of shape {shape}; this base model needs [{experts}, k]."
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise AdapterMismatchError(f"Adapter file: experts layer '{where}' has indices of dtype {indices.dtype}.")
+    indices = indices.detach().cpu().long()
+    if int(indices.min()) < 0 or int(indices.max()) >= channels:
+        raise AdapterMismatchError(
+            f"Adapter file: experts layer '{where}' has channel indices up to {int(indices.max())}, but each expert of "
+            f"the base model has {channels} channels."
+        )
+    ordered = indices.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise AdapterMismatchError(f"Adapter file: experts layer '{where}' has duplicate channels within an expert.")
+    if delta is not None:
+        expected = (experts, hidden, indices.shape[1])
+        if not delta.dtype.is_floating_point or tuple(delta.shape) != expected:
+            raise AdapterMismatchError(
+                f"Adapter file: experts layer '{where}' has a delta of {delta.dtype} {tuple(delta.shape)}; this base "
+                f"model needs floats of shape {expected}."
+            )
+        if not delta.is_meta and not torch.isfinite(delta).all():
+            raise AdapterMismatchError(f"Adapter file: experts layer '{where}' has non-finite values in its delta.")
+    return indices
+
+
+def check_experts_layer_entries(layer, state_dict: dict, prefix: str) -> None:
+    """A torch-level load into an experts layer can take only the channels it trains, in the same order."""
+    where = prefix.removesuffix(".").removeprefix(CHECKPOINT_PREFIX)
+    for name in list(layer.s2ft_delta):
+        raw, delta = state_dict.get(f"{prefix}{INDICES}.{name}"), state_dict.get(f"{prefix}{DELTA}.{name}")
+        if raw is None and delta is None:
+            continue
+        refuse_loading_over_merged(layer, name, where)
+        block = _ExpertsShape(layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        current = layer.selected(name)
+        indices = check_experts_entry(where, block, current if raw is None else raw, delta)
+        if not torch.equal(indices, current):
+            raise AdapterMismatchError(
+                f"State dict: experts layer '{where}' of adapter '{name}' holds other channels than the layer trains. "
+                "Load adapter files with PeftModel.from_pretrained / load_adapter, which make the layers fit the file."
+            )
+
+
+@dataclass(frozen=True)
+class _ExpertsShape:
+    num_experts: int
+    hidden_size: int
+    num_channels: int
+
+
+def attach_planned(parent: nn.Module, child: str, adapter_name: str, axis: str, indices, init_weights: bool):
+    """Wrap (or extend) the module a plan entry names: a linear layer's columns/rows, or an experts module."""
+    if axis == EXPERTS:
+        return attach_experts(parent, child, adapter_name, indices, init_weights)
+    return attach(parent, child, adapter_name, axis, indices, init_weights)
+
+
+def _same_units(current: torch.Tensor, incoming: torch.Tensor) -> bool:
+    """The same selection: the same set of indices (a linear layer), the same [E, k] channels (an experts layer)."""
+    if current.ndim == 2:
+        return torch.equal(current, incoming)
+    return set(current.tolist()) == set(incoming.tolist())
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -237,15 +326,16 @@ def conform_model_to_checkpoint(
     current = {
         name: module
         for name, module in root.named_modules()
-        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta
+        if isinstance(module, S2FTTunerLayer) and adapter_name in module.s2ft_delta
     }
     for path, layer in current.items():
         refuse_loading_over_merged(layer, adapter_name, path)
     same_selection = set(current) == set(checked) and all(
-        set(current[path].selected(adapter_name).tolist()) == set(indices.tolist())
-        for path, (_, indices) in checked.items()
+        _same_units(current[path].selected(adapter_name), indices) for path, (_, indices) in checked.items()
     )
     if not same_selection:
+        if config.permute and any(axis == EXPERTS for axis, _ in checked.values()):
+            raise AdapterMismatchError(PERMUTE_EXPERTS)
         if config.permute:
             permutation.check_permutable(root)
             permutation.check_contiguous(root, checked)
@@ -253,11 +343,12 @@ def conform_model_to_checkpoint(
         active = next(iter(current.values())).active_adapters if current else [adapter_name]
         for path, (axis, indices) in checked.items():
             module = root.get_submodule(path)
-            if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
+            if isinstance(module, S2FTTunerLayer) and adapter_name in module.s2ft_delta:
                 module.resize_adapter(adapter_name, indices)
             else:
                 parent_path, _, child = path.rpartition(".")
-                layer = attach(root.get_submodule(parent_path), child, adapter_name, axis, indices, init_weights=True)
+                parent = root.get_submodule(parent_path)
+                layer = attach_planned(parent, child, adapter_name, axis, indices, init_weights=True)
                 layer.set_adapter(active, inference_mode=config.inference_mode)
         for path in set(current) - set(checked):
             remove_layer_adapter(root, path, adapter_name)
@@ -328,6 +419,8 @@ def check_layers_before_loading(root: nn.Module, state_dict: dict, prefix: str) 
     for path, module in root.named_modules():
         if isinstance(module, S2FTLayer):
             _layer_entries(module, state_dict, f"{prefix}{path}.")
+        elif isinstance(module, S2FTExpertsLayer):
+            check_experts_layer_entries(module, state_dict, f"{prefix}{path}.")
 
 
 def refuse_loading_over_merged(layer: S2FTLayer, adapter_name: str, where: str) -> None:
@@ -364,7 +457,7 @@ def undo_injection(root: nn.Module, adapter_name: str, requires_grad: dict[int, 
         # Permute mode allows one adapter per model: these permutations are the removed adapter's.
         permutation.unpermute_model(root)
     for path, module in list(root.named_modules()):
-        if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
+        if isinstance(module, S2FTTunerLayer) and adapter_name in module.s2ft_delta:
             remove_layer_adapter(root, path, adapter_name)
     for param in root.parameters():
         if id(param) in requires_grad:

@@ -117,10 +117,11 @@ class S2FTConfig(PeftConfig):
         metadata={
             "help": "Physically co-permute the coupled weights once, so that the selected block is contiguous: its "
             "input is a slice rather than a gather (the paper's layout). The state dict still shows the original "
-            "order. One adapter per model, and only for model types whose per-head tensors are all known (Llama, "
-            "Mistral, Qwen2, Qwen3). On GQA models this mode fills whole K/V groups first when it selects heads, so "
-            "that the block can be contiguous. Default False: the selection is applied as index maps. Neither mode "
-            "writes the base weights during training."
+            "order. One adapter per model; every described dense family (each family's description lists all its "
+            "per-head tensors), refused with ALiBi position biases and on fused mixture-of-experts layers. On GQA "
+            "models this mode fills whole K/V groups first when it selects heads, so that the block can be "
+            "contiguous. Default False: the selection is applied as index maps. Neither mode writes the base "
+            "weights during training."
         },
     )
     init_weights: bool = field(
@@ -133,9 +134,9 @@ class S2FTConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Filled in automatically from the model's structure (output and down projections, plus value "
-            "and up projections when trained). Only modules that are part of a discovered attention/FFN pair "
-            "can be targeted."
+            "help": "Filled in automatically from the model's architecture description (its output and down "
+            "projections, plus value and up projections when trained, by their paths inside a layer, e.g. "
+            "'self_attn.o_proj'). Only those modules can be targeted; listing some of them restricts training to them."
         },
     )
     exclude_modules: list[str] | str | None = field(
@@ -223,18 +224,20 @@ class S2FTConfig(PeftConfig):
             self.channels_per_layer is None and self.channel_ratio is None and self.attention_share == 1
         )
 
-    def default_target_modules(self) -> set[str]:
-        """The module kinds an adapter may train, given which budgets can be non-zero."""
-        names = set()
+    def default_roles(self) -> set[str]:
+        """The roles an adapter may train given which budgets can be non-zero: "output" (O columns of heads),
+        "value" (V rows, with train_v), "down" (down columns of channels), "up" (up rows, with train_up),
+        "experts" (down columns of channels of every expert of a fused MoE layer)."""
+        roles = set()
         if not self.attention_off:
-            names |= {"o_proj"} | ({"v_proj"} if self.train_v else set())
+            roles |= {"output"} | ({"value"} if self.train_v else set())
         if not self.ffn_off:
-            names |= {"down_proj"} | ({"up_proj"} if self.train_up else set())
-        return names
+            roles |= {"down", "experts"} | ({"up"} if self.train_up else set())
+        return roles
 
     def selection_fingerprint(self) -> tuple:
         """Every field that decides which units are selected (target_modules resolved as injection resolves it)."""
-        targets = self.default_target_modules() if self.target_modules is None else self.target_modules
+        targets = ("<roles>", *sorted(self.default_roles())) if self.target_modules is None else self.target_modules
         values = [getattr(self, name) for name in SELECTION_FIELDS] + [targets]
         return tuple(tuple(sorted(v)) if isinstance(v, (set, list)) else v for v in values)
 

@@ -9,12 +9,23 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .linear_like import features, is_linear_like, logical_weight
 from .partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
 
 
-class S2FTLayer(nn.Module, BaseTunerLayer):
+class S2FTTunerLayer(BaseTunerLayer):
+    """What every S2FT layer is (a linear layer's, an experts module's), so PEFT finds them all by one class."""
+
+    adapter_layer_names = ("s2ft_delta",)
+    other_param_names = ("s2ft_indices", "s2ft_merge_backup")
+
+
+class S2FTLayer(nn.Module, S2FTTunerLayer):
     """Wraps the base linear layer; `s2ft_delta[name]` is the trainable block, `s2ft_indices[name]` its
     columns (axis "in") or rows (axis "out") in the model's ORIGINAL coordinates.
+
+    The base is an nn.Linear or a transformers Conv1D (GPT-2, weight stored (in, out)); deltas, indices and the
+    checkpoint always refer to the (out, in) orientation, so both look the same from outside.
 
     The base weight is only read by the forward and backward. In permute mode (see permutation.py) the coupled
     weights are co-permuted once, so the block's columns sit contiguously at `block_range`. Merging writes the
@@ -33,12 +44,12 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         init_weights: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(base_layer, BaseTunerLayer) or not isinstance(base_layer, nn.Linear):
+        if isinstance(base_layer, BaseTunerLayer) or not is_linear_like(base_layer):
             kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"
-            raise TypeError(f"S2FT adapts plain torch.nn.Linear layers only, got {kind}.")
+            raise TypeError(f"S2FT adapts torch.nn.Linear and transformers Conv1D layers only, got {kind}.")
         self.base_layer = base_layer
         self.axis = axis
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = features(base_layer)
         self.s2ft_delta = nn.ParameterDict({})
         self.s2ft_indices = BufferDict({}, persistent=True)
         # The weight's columns (rows) as they were before each merged adapter was merged in.
@@ -150,12 +161,20 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
                 self._initialize_delta(name)
         return result
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in) (a view for Conv1D, whose parameter is stored (in, out))."""
+        base = self.get_base_layer()
+        return logical_weight(base)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense (out, in) delta against the ORIGINAL base weight (also in permute mode), for export."""
-        weight = self.get_base_layer().weight
+        """The dense delta against the ORIGINAL base weight (also in permute mode), in the weight's own storage
+        orientation as PEFT's layers return it: (out, in), or (in, out) for a Conv1D (which `convert_to_lora`
+        expects)."""
+        weight = self.base_weight()
         delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
         dense = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        return dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(weight.device), delta)
+        dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(weight.device), delta)
+        return logical_weight(self.get_base_layer(), dense).contiguous()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # A delta on |S| columns (rows) has rank <= |S|: a LoRA of that rank reproduces it exactly.
@@ -182,7 +201,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight.data
+        weight = self.base_weight().data
         for name in adapter_names:
             if name not in self.s2ft_delta:
                 continue
@@ -201,7 +220,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        weight = self.get_base_layer().weight.data
+        weight = self.base_weight().data
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self._write_block(weight, name, self.s2ft_merge_backup[name].to(weight.device))
@@ -227,7 +246,7 @@ class S2FTLayer(nn.Module, BaseTunerLayer):
         spec = tuple((self.axis, self.block_range) for _ in active)
         deltas = [self.s2ft_delta[name] for name in active]
         indices = [] if self.block_range is not None else [self.s2ft_indices[name] for name in active]
-        return SparseDeltaLinear.apply(x, base.weight, base.bias, spec, *deltas, *indices)
+        return SparseDeltaLinear.apply(x, logical_weight(base), base.bias, spec, *deltas, *indices)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Every torch-level load (also a user's own `load_state_dict`) passes here before the adapter tensors are
@@ -257,4 +276,4 @@ def attach(
     return layer
 
 
-__all__ = ["S2FTLayer", "COLUMNS", "ROWS", "attach"]
+__all__ = ["S2FTLayer", "S2FTTunerLayer", "COLUMNS", "ROWS", "attach"]

@@ -12,119 +12,151 @@ from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from . import checkpoint, permutation
+from .architectures import (
+    DOWN,
+    EXPERTS,
+    OUTPUT,
+    ROLE_FLAGS,
+    UP,
+    VALUE,
+    Block,
+    ModelStructure,
+    describe,
+)
+from .architectures.description import KV_GROUP
+from .architectures.discovery import base_layer_of
 from .config import S2FTConfig
-from .layer import S2FTLayer, attach
-from .partial_backprop import COLUMNS, ROWS
+from .layer import S2FTTunerLayer
+from .linear_like import logical_weight
 from .peft_type import PREFIX
 from .selection import select_units
-from .structures import COLUMN_TRAINED, ROW_TRAINED, ModelStructure, base_layer_of, discover_structure
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-TRAINABLE_NAMES = COLUMN_TRAINED + ROW_TRAINED
-ATTENTION_TRAINED, FFN_TRAINED = ("o_proj", "v_proj"), ("down_proj", "up_proj")
-FLAG_OF = {"v_proj": "train_v", "up_proj": "train_up"}
 
 # module path -> (axis, indices in original coordinates)
 Plan = dict[str, tuple[str, torch.Tensor]]
+KIND_OF_ROLE = {OUTPUT: "attention", VALUE: "attention", DOWN: "ffn", UP: "ffn", EXPERTS: "ffn"}
 
 
-def trained_kinds(config: S2FTConfig, structure: ModelStructure) -> set[str]:
-    """Which of o/v/down/up_proj the adapter trains; refuses targets that would train nothing or ignore a field."""
+def _relative(span_path: str) -> str:
+    """A module's path inside its layer ("self_attn.o_proj"), the name users see in target_modules."""
+    parts = span_path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[i + 1 :])
+    return span_path
+
+
+def default_target_modules(config: S2FTConfig, structure: ModelStructure) -> set[str]:
+    """The modules of the roles the budgets can use, by their paths inside a layer (PEFT's suffix matching)."""
+    roles = config.default_roles()
+    return {_relative(path) for path, (_, role) in structure.trainable_paths().items() if role in roles}
+
+
+def _matches(targets, path: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith(f".{t}") for t in targets)
+
+
+def trained_roles(config: S2FTConfig, structure: ModelStructure) -> set[str]:
+    """Which roles (output / value / down / up) the adapter trains; refuses targets that train nothing or that
+    contradict a field. A name that matches modules of two roles (BERT's `output.dense`) names both, but only a
+    name that matches one role alone can contradict a budget or flag."""
     targets = config.target_modules
+    trainable = structure.trainable_paths()
+    names_of_roles = sorted({_relative(path) for path, (block, _) in trainable.items()})
     if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
         raise ValueError(
             f"S2FTConfig.target_modules='{INCLUDE_LINEAR_LAYERS_SHORTHAND}' has no meaning for S2FT: it trains whole "
             "heads (output-projection columns) and FFN channels (down-projection columns), plus value / up rows with "
-            "train_v / train_up. Leave target_modules unset, or list some of "
-            f"{', '.join(TRAINABLE_NAMES)}."
+            "train_v / train_up. Leave target_modules unset, or list some of this model's "
+            f"{', '.join(names_of_roles)}."
         )
-    if isinstance(targets, str):  # a regex over module paths, matched as PEFT matches it
-        named = {
-            name
-            for block in (*structure.attention, *structure.ffn)
-            for name in TRAINABLE_NAMES
-            if name in block.member_names and re.fullmatch(targets, block.module(name))
-        }
-    else:
-        named = set(targets)
-        unknown = named - set(TRAINABLE_NAMES)
-        if unknown:
-            raise ValueError(
-                f"S2FTConfig.target_modules contains {sorted(unknown)}: S2FT trains only {TRAINABLE_NAMES} "
-                "(set the budget fields and train_v / train_up instead)."
-            )
     shown = repr(targets) if isinstance(targets, str) else sorted(targets)
-    for name, flag in FLAG_OF.items():
-        if name in named and not getattr(config, flag):
+    if targets is None:
+        named, explicit = config.default_roles(), config.default_roles()
+    elif isinstance(targets, str):  # a regex over module paths, matched as PEFT matches it
+        named = explicit = {role for path, (_, role) in trainable.items() if _matches(targets, path)}
+    else:
+        named, explicit = set(), set()
+        for target in targets:
+            roles = {role for path, (_, role) in trainable.items() if _matches([target], path)}
+            if not roles:
+                raise ValueError(
+                    f"S2FTConfig.target_modules contains '{target}', which is not a module S2FT trains in this model "
+                    f"(it trains {', '.join(names_of_roles)}; set the budget fields and train_v / train_up instead)."
+                )
+            named |= roles
+            explicit |= roles if len(roles) == 1 else set()
+    for role, flag in ROLE_FLAGS.items():
+        modules = ", ".join(sorted({f"'{_relative(p)}'" for p, (_, r) in trainable.items() if r == role}))
+        if role in explicit and not getattr(config, flag):
             raise ValueError(
-                f"S2FTConfig.target_modules={shown} names '{name}' but {flag}=False: set {flag}=True to train the "
-                f"{name.split('_')[0]} rows of the selected units."
+                f"S2FTConfig.target_modules={shown} names {modules} ({role} rows) but {flag}=False: set {flag}=True to "
+                f"train the {role} rows of the selected units."
             )
-        if getattr(config, flag) and name not in named:
+        if getattr(config, flag) and role not in named:
             raise ValueError(
-                f"S2FTConfig.{flag}=True, but target_modules={shown} does not name '{name}': add it, or leave "
+                f"S2FTConfig.{flag}=True, but target_modules={shown} does not name {modules}: add it, or leave "
                 "target_modules unset."
             )
-    for part, names, off, budget_set, fields in (
-        ("heads", ATTENTION_TRAINED, config.attention_off, config.sets_attention_budget, "heads_per_layer/head_ratio"),
-        ("channels", FFN_TRAINED, config.ffn_off, config.sets_ffn_budget, "channels_per_layer/channel_ratio"),
+    trained = {r for r in named if r not in ROLE_FLAGS or getattr(config, ROLE_FLAGS[r])}
+    for kind, unit, off, budget_set, fields in (
+        ("attention", "heads", config.attention_off, config.sets_attention_budget, "heads_per_layer/head_ratio"),
+        ("ffn", "channels", config.ffn_off, config.sets_ffn_budget, "channels_per_layer/channel_ratio"),
     ):
-        if named & set(names) and off:
+        roles = {r for r in trained if KIND_OF_ROLE[r] == kind}
+        if roles & explicit and off:
             raise ValueError(
-                f"S2FTConfig.target_modules={shown} names {sorted(named & set(names))}, but the budget selects no "
-                f"{part} ({fields} = 0, or attention_share at its limit). Change the budget or the targets."
+                f"S2FTConfig.target_modules={shown} names the {'/'.join(sorted(roles & explicit))} projection, but the "
+                f"budget selects no {unit} ({fields} = 0, or attention_share at its limit). Change the budget or the "
+                "targets."
             )
-        if not named & set(names) and budget_set:
+        if not roles and budget_set:
             raise ValueError(
-                f"S2FTConfig sets {fields} but target_modules={shown} names none of {list(names)}: nothing would "
-                f"use those {part}. Add the module or drop the field."
+                f"S2FTConfig sets {fields} but target_modules={shown} names no {kind} module S2FT trains: nothing "
+                f"would use those {unit}. Add the module or drop the field."
             )
-    if not named:
+        if off:
+            trained -= roles
+    if not trained:
         raise ValueError(
-            f"S2FTConfig.target_modules={shown} names no module S2FT trains ({', '.join(TRAINABLE_NAMES)})."
+            f"S2FTConfig.target_modules={shown} names no module S2FT trains ({', '.join(names_of_roles)})."
         )
-    return named
+    return trained
 
 
 def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructure | None = None) -> Plan:
     """Every module the adapter trains, with its axis and indices (original coordinates)."""
-    structure = structure or discover_structure(model)
-    kinds = trained_kinds(config, structure)
+    structure = structure or describe(model)
+    roles = trained_roles(config, structure)
 
-    def wanted(block, names) -> list[str]:
-        return [n for n in names if n in kinds and check_target_module_exists(config, block.module(n))]
+    def wanted(block: Block) -> list[str]:
+        return [r for r, span in block.trained.items() if r in roles and check_target_module_exists(config, span.path)]
 
-    attention = [b for b in structure.attention if wanted(b, ATTENTION_TRAINED)]
-    ffn = [b for b in structure.ffn if wanted(b, FFN_TRAINED)]
-    weights = {
-        key: base_layer_of(model.get_submodule(key)).weight
-        for key in [b.module("o_proj") for b in attention] + [b.module("down_proj") for b in ffn]
-    }
+    attention = [b for b in structure.attention if wanted(b)]
+    ffn = [b for b in structure.ffn if wanted(b)]
+    experts = [b for b in structure.experts if EXPERTS in roles and check_target_module_exists(config, b.key)]
+    weights = {b.key: logical_weight(base_layer_of(model.get_submodule(b.key))) for b in attention + ffn}
+    weights |= {b.key: base_layer_of(model.get_submodule(b.key)).down_proj for b in experts}
     if config.selection != "random" and any(w.is_meta for w in weights.values()):
         raise ValueError(
             f"S2FTConfig.selection='{config.selection}' scores the model's weights, but they are on the meta device "
             "(the model was built under init_empty_weights). Load the real weights before get_peft_model, or use "
             "selection='random'."
         )
-    selection = select_units(config, model, attention, ffn, weights)
+    selection = select_units(config, model, attention, ffn, weights, experts)
 
     plan: Plan = {}
-    for block in attention:
-        heads = selection.heads.get(block.prefix)
-        if not heads:
+    for block in attention + ffn:
+        units = (selection.heads if block.kind == "attention" else selection.channels).get(block.key)
+        if not units:
             continue
-        names = wanted(block, ATTENTION_TRAINED)
-        if "o_proj" in names:
-            plan[block.module("o_proj")] = (COLUMNS, _head_columns(heads, block.head_dim))
-        if "v_proj" in names:
-            groups = sorted({h // block.group_size for h in heads})
-            plan[block.module("v_proj")] = (ROWS, _head_columns(groups, block.head_dim))
-    for block in ffn:
-        channels = selection.channels.get(block.prefix)
-        if not channels:
-            continue
-        for name in wanted(block, FFN_TRAINED):
-            plan[block.module(name)] = (COLUMNS if name == "down_proj" else ROWS, torch.tensor(channels))
+        for role in wanted(block):
+            span = block.trained[role]
+            chosen = sorted({h // block.group_size for h in units}) if span.unit == KV_GROUP else units
+            plan[span.path] = (span.axis, span.positions(chosen))
+    for block in experts:
+        plan[block.key] = (EXPERTS, selection.expert_channels[block.key])
     if not plan:
         raise ValueError(
             "S2FT found nothing to train with this config: no output/down/value/up projection is left by "
@@ -134,21 +166,20 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
     return plan
 
 
-def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
-    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
 def refuse_foreign_layers(model: nn.Module, structure: ModelStructure, plan: Plan, permute: bool) -> None:
     """S2FT does not stack on another PEFT method's layers: say so before anything is wrapped."""
     paths = set(plan)
     if permute:  # co-permutation also reorders the modules that feed the trained ones
-        for block in (*structure.attention, *structure.ffn):
-            members = {block.module(name) for name in block.member_names}
+        for block in structure.blocks:
+            members = {span.path for span in block.moved}
             if members & set(plan):
                 paths |= members
     for path in sorted(paths):
-        module = model.get_submodule(path)
-        if isinstance(module, BaseTunerLayer) and not isinstance(module, S2FTLayer):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # a parameter (attention sinks), not a module
+            continue
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, S2FTTunerLayer):
             kind = f"{type(module).__module__}.{type(module).__qualname__}"
             raise ValueError(
                 f"S2FT cannot adapt '{path}': it is already a layer of another PEFT method ({kind}). S2FT does not "
@@ -158,7 +189,7 @@ def refuse_foreign_layers(model: nn.Module, structure: ModelStructure, plan: Pla
 
 
 class S2FTModel(BaseTuner):
-    """Creates an S2FT model from a transformers Llama-family model.
+    """Creates an S2FT model from a transformers model of a described family (see peft_s2ft.architectures).
 
     Example:
         ```py
@@ -169,8 +200,7 @@ class S2FTModel(BaseTuner):
     """
 
     prefix: str = PREFIX
-    tuner_layer_cls = S2FTLayer
-    target_module_mapping = {model_type: ["o_proj", "down_proj"] for model_type in SUPPORTED_MODEL_TYPES}
+    tuner_layer_cls = S2FTTunerLayer
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage=False, state_dict=None) -> None:
         # A single config (not a dict) means `inject_adapter_in_model`, which transformers' `load_adapter` uses
@@ -189,7 +219,7 @@ class S2FTModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = peft_config.default_target_modules()
+            peft_config.target_modules = default_target_modules(peft_config, describe(self.model))
         return peft_config
 
     def _check_new_adapter_config(self, config: S2FTConfig) -> None:
@@ -201,11 +231,11 @@ class S2FTModel(BaseTuner):
                 "S2FTConfig.permute=True physically reorders the weights for one selection, so it supports a single "
                 "adapter per model. Use permute=False (the default) to combine several adapters."
             )
-        checkpoint.refuse_module_like_adapter_names(self.peft_config)
+        checkpoint.refuse_module_like_adapter_names(self.peft_config, self.model)
 
     def _plan(self, model: nn.Module, config: S2FTConfig) -> Plan:
         """The file's selection when the config came from an adapter folder, else a fresh selection."""
-        structure = discover_structure(model)
+        structure = describe(model)
         if config.permute:
             permutation.check_permutable(model)
         source = getattr(config, "_adapter_source", None)
@@ -217,6 +247,8 @@ class S2FTModel(BaseTuner):
         else:
             plan = selection_plan(config, model, structure)
         refuse_foreign_layers(model, structure, plan, config.permute)
+        if config.permute and any(axis == EXPERTS for axis, _ in plan.values()):
+            raise ValueError(checkpoint.PERMUTE_EXPERTS)
         if config.permute:
             permutation.check_contiguous(model, plan)
         return plan
@@ -257,10 +289,11 @@ class S2FTModel(BaseTuner):
         """Layers of a file's plan that `target_modules` does not name (the file is the truth)."""
         for path, (axis, indices) in self._pending_plan.items():
             module = model.get_submodule(path)
-            if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_delta:
+            if isinstance(module, S2FTTunerLayer) and adapter_name in module.s2ft_delta:
                 continue
             parent_path, _, child = path.rpartition(".")
-            layer = attach(model.get_submodule(parent_path), child, adapter_name, axis, indices, config.init_weights)
+            parent = model.get_submodule(parent_path)
+            layer = checkpoint.attach_planned(parent, child, adapter_name, axis, indices, config.init_weights)
             layer.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _create_and_replace(
@@ -278,7 +311,7 @@ class S2FTModel(BaseTuner):
             # A global allocation can leave a layer without units; nothing to train here.
             return
         axis, indices = planned
-        layer = attach(parent, target_name, adapter_name, axis, indices, peft_config.init_weights)
+        layer = checkpoint.attach_planned(parent, target_name, adapter_name, axis, indices, peft_config.init_weights)
         if adapter_name not in self.active_adapters:
             layer.s2ft_delta[adapter_name].requires_grad_(False)
 
@@ -294,6 +327,11 @@ class S2FTModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Unloading puts the original module back as it was. (PEFT's default also re-assigns a `weight` taken from
+        the wrapper, which fails for wrapped modules that have none, e.g. RoBERTa's classification head.)"""
+        setattr(parent, child_name, new_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if getattr(self.peft_config.get(adapter_name), "permute", False):
@@ -335,4 +373,4 @@ class S2FTModel(BaseTuner):
             return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
-__all__ = ["S2FTModel", "ModelStructure", "attach", "selection_plan"]
+__all__ = ["S2FTModel", "ModelStructure", "selection_plan"]

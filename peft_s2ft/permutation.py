@@ -19,15 +19,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from .architectures import DOWN, OUTPUT, UP, VALUE, Block, Span, describe
+from .architectures.description import CHANNEL, HEAD, KV_GROUP, OUT, PARAM
+from .architectures.discovery import base_layer_of, text_config
 from .layer import S2FTLayer
-from .structures import base_layer_of, discover_structure
-
-# Model types whose coupled structures are fully known: every tensor that depends on a head's or a channel's
-# position is permuted below (Q/K/V rows with biases, O columns, gate/up rows with biases, down columns), and
-# nothing else (q/k norms over one head's width, rotary embeddings, sliding windows) depends on the order.
-# Other families may hold per-head tensors elsewhere (OLMo2's q/k norms over the whole projection, Cohere's
-# per-head norms, ALiBi slopes), which a permutation would silently break.
-PERMUTE_SAFE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from .linear_like import weight_dim
 
 _stored_order = contextvars.ContextVar("s2ft_state_dict_in_stored_order", default=False)
 
@@ -47,20 +43,16 @@ def state_dict_in_stored_order() -> Iterator[None]:
 
 
 def check_permutable(model: nn.Module) -> None:
-    """Refuse permute mode on a model whose per-head and per-channel tensors are not all known."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in PERMUTE_SAFE_MODEL_TYPES:
+    """Refuse permute mode where the model depends on head order beyond the described tensors (ALiBi slopes)."""
+    structure = describe(model)
+    config = text_config(model)
+    flags = [flag for flag in structure.family.order_sensitive if getattr(config, flag, False)]
+    if flags:
         raise ValueError(
-            f"S2FTConfig.permute=True physically reorders heads and channels, which preserves the model's function "
-            f"only if every tensor that depends on a head's position moves with it. peft_s2ft knows all of them for "
-            f"model types {', '.join(PERMUTE_SAFE_MODEL_TYPES)}, not for '{model_type}' (it may have per-head norms, "
-            "sinks or position biases elsewhere). Use permute=False: the default mode trains the same adapter."
+            f"S2FTConfig.permute=True physically reorders heads, but this {structure.family.name} model has "
+            f"{', '.join(f'{f}=True' for f in flags)}: its per-head position biases depend on the head index, so "
+            "reordering heads would change the model. Use permute=False: the default mode trains the same adapter."
         )
-
-
-def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
-    return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
 def head_order(heads: list[int], num_heads: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,72 +73,121 @@ def head_order(heads: list[int], num_heads: int, group_size: int) -> tuple[torch
     return torch.tensor(query), torch.tensor(group_order)
 
 
-def _block_heads(block, o_columns: torch.Tensor | None, v_rows: torch.Tensor | None) -> list[int]:
-    """The query heads a block trains: from its O columns, or whole K/V groups when only V rows train."""
-    if o_columns is not None:
-        return sorted(set((o_columns // block.head_dim).tolist()))
-    groups = sorted(set((v_rows // block.head_dim).tolist()))
-    return [g * block.group_size + i for g in groups for i in range(block.group_size)]
+@dataclass(frozen=True)
+class Member:
+    """One parameter a block's co-permutation reorders: stored[i] = original[order[i]] along `dim`."""
+
+    module_path: str  # the module holding the parameter, as the model names it (possibly a tuner wrapper)
+    name: str
+    dim: int
+    order: torch.Tensor
 
 
-# (module path, weight dimension, order): the permutation of one member of a block
-Member = tuple[str, int, torch.Tensor]
+def _unit_counts(block: Block) -> dict[str, int]:
+    return {HEAD: block.num_units, KV_GROUP: block.num_groups, CHANNEL: block.num_units}
 
 
-def block_orders(structure, selected: dict[str, torch.Tensor]) -> list[tuple[str, list[Member]]]:
-    """For every block that `selected` (module path -> trained indices) trains: its owner and members' orders.
+def _units_at(span: Span, count: int, indices: torch.Tensor) -> list[int]:
+    """The units that own any of `indices` along the span's axis."""
+    positions = span.positions(torch.arange(count)).reshape(count, span.width)
+    hit = torch.isin(positions, indices).any(dim=1)
+    return hit.nonzero().flatten().tolist()
 
-    Pure: it moves nothing, and raises if co-permutation cannot bring every trained module's indices to the front
-    of its block (heads in more than one partly selected K/V group, O columns that are not whole heads, V rows
-    outside the selected heads' groups, up rows other than the down columns).
+
+def _parameters_of(model: nn.Module, span: Span) -> list[tuple[str, nn.Module, str, int]]:
+    """(module path, module, parameter name, dim) of every parameter the span's axis indexes."""
+    try:
+        module = base_layer_of(model.get_submodule(span.path))
+    except AttributeError:  # a parameter held directly by a module (attention sinks)
+        parent, _, name = span.path.rpartition(".")
+        return [(parent, base_layer_of(model.get_submodule(parent)), name, 0)]
+    if span.side == PARAM:
+        return [(span.path, module, name, 0) for name, _ in module.named_parameters(recurse=False)]
+    found = [(span.path, module, "weight", weight_dim(module, span.side))]
+    if span.side == OUT and module.bias is not None:
+        found.append((span.path, module, "bias", 0))
+    return found
+
+
+def _block_units(block: Block, selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unit orders (per unit kind) that put the block's selected units first."""
+    counts = _unit_counts(block)
+    if block.kind == "attention":
+        output, value = block.trained[OUTPUT], block.trained[VALUE]
+        if output.path in selected:
+            heads = _units_at(output, block.num_units, selected[output.path])
+        else:
+            groups = _units_at(value, block.num_groups, selected[value.path])
+            heads = [g * block.group_size + i for g in groups for i in range(block.group_size)]
+        query, groups = head_order(heads, block.num_units, block.group_size)
+        return {HEAD: query, KV_GROUP: groups}
+    span = next(block.trained[r] for r in (DOWN, UP) if block.trained[r].path in selected)
+    chosen = set(_units_at(span, counts[CHANNEL], selected[span.path]))
+    return {CHANNEL: torch.tensor(sorted(range(block.num_units), key=lambda c: c not in chosen))}
+
+
+def member_orders(model: nn.Module, block: Block, unit_orders: dict[str, torch.Tensor]) -> list[Member]:
+    """Every parameter of `block` reordered so that unit slot i holds original unit `unit_orders[kind][i]`.
+
+    Several parts of one fused tensor (Q, K and V rows of `qkv_proj`) compose into one order of that tensor.
+    """
+    counts = _unit_counts(block)
+    orders: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+    for span in block.moved:
+        for module_path, module, name, dim in _parameters_of(model, span):
+            key = (module_path, name)
+            if key not in orders:
+                orders[key] = (torch.arange(getattr(module, name).shape[dim]), dim)
+            order = orders[key][0]
+            order[span.positions(torch.arange(counts[span.unit]))] = span.positions(unit_orders[span.unit])
+    return [Member(path, name, dim, order) for (path, name), (order, dim) in orders.items()]
+
+
+def block_orders(model: nn.Module, structure, selected: dict[str, torch.Tensor]) -> list[tuple[str, list[Member]]]:
+    """For every block that `selected` (module path -> trained indices) trains: its owner and its members.
+
+    Pure: it moves nothing, and raises if co-permutation cannot bring every trained module's indices together
+    (heads in more than one partly selected K/V group, columns that are not whole heads, value rows outside the
+    selected heads' K/V groups, up rows other than the down columns, or a fused layout that interleaves them).
     """
     plans = []
-    for block in structure.attention:
-        o_path, v_path = block.module("o_proj"), block.module("v_proj")
-        if o_path not in selected and v_path not in selected:
+    for block in structure.blocks:
+        trained = [span for span in block.trained.values() if span.path in selected]
+        if not trained:
             continue
-        heads = _block_heads(block, selected.get(o_path), selected.get(v_path))
-        query, groups = head_order(heads, block.num_heads, block.group_size)
-        query_rows, group_rows = _expand(query, block.head_dim), _expand(groups, block.head_dim)
-        members = [
-            (block.module("q_proj"), 0, query_rows),
-            (block.module("k_proj"), 0, group_rows),
-            (v_path, 0, group_rows),
-            (o_path, 1, query_rows),
-        ]
-        plans.append((o_path if o_path in selected else v_path, members))
-    for block in structure.ffn:
-        down_path, up_path = block.module("down_proj"), block.module("up_proj")
-        if down_path not in selected and up_path not in selected:
-            continue
-        chosen = set(selected.get(down_path, selected.get(up_path)).tolist())
-        order = torch.tensor(sorted(range(block.num_channels), key=lambda c: c not in chosen))
-        members = [(block.module("gate_proj"), 0, order), (up_path, 0, order), (down_path, 1, order)]
-        plans.append((down_path if down_path in selected else up_path, members))
-    for _, members in plans:
-        for path, _, order in members:
-            if path in selected and set(order[: len(selected[path])].tolist()) != set(selected[path].tolist()):
+        members = member_orders(model, block, _block_units(block, selected))
+        orders = {(m.module_path, m.name): m.order for m in members}
+        for span in trained:
+            order = orders[(span.path, "weight")]
+            stored = torch.argsort(order)[selected[span.path]].sort().values
+            leading = span.positions(torch.arange(len(stored) // span.width))  # the block's first units
+            contiguous = int(stored[-1]) - int(stored[0]) + 1 == len(stored)
+            if len(stored) % span.width or not torch.equal(stored, leading.sort().values) or not contiguous:
                 raise ValueError(
-                    f"permute=True cannot make the units trained in '{path}' contiguous: its indices are not whole "
-                    "heads, or value rows outside the selected heads' K/V groups, or up rows other than the down "
-                    "columns. The default mode (permute=False) trains such a selection."
+                    f"permute=True cannot make the units trained in '{span.path}' contiguous: its indices are not "
+                    "whole heads, or value rows outside the selected heads' K/V groups, or up rows other than the down "
+                    "columns, or the fused layout interleaves them. The default mode (permute=False) trains such a "
+                    "selection."
                 )
+        owner = next(span.path for span in trained)
+        plans.append((owner, members))
     return plans
 
 
 def check_contiguous(model: nn.Module, plan: dict[str, tuple[str, torch.Tensor]]) -> None:
     """Refuse, before anything moves, a selection that co-permutation cannot make contiguous."""
-    block_orders(discover_structure(model), {path: indices for path, (_, indices) in plan.items()})
+    block_orders(model, describe(model), {path: indices for path, (_, indices) in plan.items()})
 
 
 @dataclass
 class _Permuted:
-    """One linear whose weight is stored permuted along `dim` (0 = rows, 1 = columns)."""
+    """One parameter stored permuted along `dim`; state-dict hooks present and accept it in original order."""
 
-    linear: nn.Linear
+    module: nn.Module  # holds the parameter
+    name: str
     dim: int
     order: torch.Tensor  # stored[i] = original[order[i]]
-    parent: nn.Module  # the module holding it (or the S2FT layer wrapping it) as attribute `child`
+    parent: nn.Module  # the module holding `module` (or the S2FT layer wrapping it) as attribute `child`
     child: str
     inverse: torch.Tensor = field(init=False)
     handles: list = field(default_factory=list)
@@ -160,33 +201,29 @@ class _Permuted:
         """False once another method has wrapped this module: it would see the permuted weight as original."""
         return getattr(self.parent, self.child) is self.holder
 
-    def _reorder(self, module: nn.Module, state: dict, prefix: str, order: torch.Tensor) -> None:
-        for name, dim in (("weight", self.dim), ("bias", 0)):
-            key = prefix + name
-            if state.get(key) is not None and (name == "weight" or self.dim == 0):
-                state[key] = state[key].index_select(dim, order.to(state[key].device))
+    def _reorder(self, state: dict, prefix: str, order: torch.Tensor) -> None:
+        key = prefix + self.name
+        if state.get(key) is not None:
+            state[key] = state[key].index_select(self.dim, order.to(state[key].device))
 
     def present_original(self, module, state_dict, prefix, local_metadata) -> None:
         if not _stored_order.get():
-            self._reorder(module, state_dict, prefix, self.inverse)
+            self._reorder(state_dict, prefix, self.inverse)
 
     def accept_original(self, module, state_dict, prefix, *args) -> None:
-        self._reorder(module, state_dict, prefix, self.order)
+        self._reorder(state_dict, prefix, self.order)
 
     def _permute_in_place(self, order: torch.Tensor) -> None:
         with torch.no_grad():
-            weight = self.linear.weight
-            weight.copy_(weight.index_select(self.dim, order.to(weight.device)))
-            if self.dim == 0 and self.linear.bias is not None:
-                bias = self.linear.bias
-                bias.copy_(bias.index_select(0, order.to(bias.device)))
+            tensor = getattr(self.module, self.name)
+            tensor.copy_(tensor.index_select(self.dim, order.to(tensor.device)))
 
     def install(self) -> None:
         self._permute_in_place(self.order)
         self.handles = [
             # torch tags hook objects with attributes, which bound methods refuse: wrap them in partials.
-            self.linear.register_state_dict_post_hook(partial(_Permuted.present_original, self)),
-            self.linear.register_load_state_dict_pre_hook(partial(_Permuted.accept_original, self)),
+            self.module.register_state_dict_post_hook(partial(_Permuted.present_original, self)),
+            self.module.register_load_state_dict_pre_hook(partial(_Permuted.accept_original, self)),
         ]
 
     def uninstall(self) -> None:
@@ -203,22 +240,23 @@ def align(delta: torch.Tensor, old: torch.Tensor, new: torch.Tensor, dim: int) -
 
 
 def _enter_block(layer: S2FTLayer, adapter_name: str, order: torch.Tensor) -> None:
-    """Turn an index-mode layer into a block at the front of its co-permuted weight."""
+    """Turn an index-mode layer into a block at its contiguous range of the co-permuted weight."""
     old = layer.selected(adapter_name)
-    count = len(old)
-    new = order[:count]  # the same set as `old`: block_orders checked it
+    stored = torch.argsort(order)[old]
+    start, count = int(stored.min()), len(old)
+    new = order[start : start + count]  # the same set as `old`, in stored order: block_orders checked it
     with torch.no_grad():
         delta = layer.s2ft_delta[adapter_name]
         delta.data = align(delta.data, old, new, layer.dim)
     layer._set_indices(adapter_name, new)
-    layer.block_range = (0, count)
+    layer.block_range = (start, start + count)
 
 
 def permute_model(model: nn.Module, adapter_name: str) -> None:
     """Co-permute every block in which `adapter_name` trains something (after its layers were attached).
 
-    All orders are computed and checked before the first weight moves, and each permuted linear is recorded on its
-    block's owner as soon as it moves, so `unpermute_model` can always undo what was done.
+    All orders are computed and checked before the first weight moves, and each permuted parameter is recorded on
+    its block's owner as soon as it moves, so `unpermute_model` can always undo what was done.
     """
     check_permutable(model)
     trained = {
@@ -227,18 +265,23 @@ def permute_model(model: nn.Module, adapter_name: str) -> None:
         if isinstance(module, S2FTLayer) and adapter_name in module.s2ft_indices
     }
     selected = {path: layer.selected(adapter_name) for path, layer in trained.items()}
-    for owner_path, members in block_orders(discover_structure(model), selected):
+    for owner_path, members in block_orders(model, describe(model), selected):
         owner = trained[owner_path]
         owner.permutation = []
-        for path, dim, order in members:
-            parent_path, _, child = path.rpartition(".")
+        for member in members:
+            parent_path, _, child = member.module_path.rpartition(".")
             entry = _Permuted(
-                base_layer_of(model.get_submodule(path)), dim, order, model.get_submodule(parent_path), child
+                base_layer_of(model.get_submodule(member.module_path)),
+                member.name,
+                member.dim,
+                member.order,
+                model.get_submodule(parent_path),
+                child,
             )
             entry.install()
             owner.permutation.append(entry)
-            if path in trained:
-                _enter_block(trained[path], adapter_name, order)
+            if member.module_path in trained and member.name == "weight":
+                _enter_block(trained[member.module_path], adapter_name, member.order)
 
 
 def unpermute_model(model: nn.Module) -> None:

@@ -7,21 +7,22 @@ reload with another global seed selects the same units.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
 from .config import S2FTConfig
-from .structures import AttentionBlock, FFNBlock
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Units picked per block: head indices (attention) or channel indices (FFN), keyed by block prefix."""
+    """Units picked per block: head indices (attention) or channel indices (FFN), keyed by block key."""
 
     heads: dict[str, list[int]]
     channels: dict[str, list[int]]
+    expert_channels: dict[str, torch.Tensor] = field(default_factory=dict)  # experts key -> [E, k] channels
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -30,37 +31,38 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _unit_scores(
-    strategy: str, generator: torch.Generator, num_units: int, weight_columns_norm: torch.Tensor | None
+    strategy: str, generator: torch.Generator, block: Block, output_weight: torch.Tensor | None
 ) -> torch.Tensor:
     if strategy == "random":
-        return torch.rand(num_units, generator=generator)
-    assert weight_columns_norm is not None
-    return weight_columns_norm if strategy == "weight_large" else -weight_columns_norm
+        return torch.rand(block.num_units, generator=generator)
+    assert output_weight is not None
+    norms = _unit_norms(output_weight, block)
+    return norms if strategy == "weight_large" else -norms
 
 
-def _head_norms(o_proj_weight: torch.Tensor, block: AttentionBlock) -> torch.Tensor:
-    columns = o_proj_weight.detach().float().reshape(o_proj_weight.shape[0], block.num_heads, block.head_dim)
-    return columns.norm(dim=(0, 2)).cpu()
-
-
-def _channel_norms(down_proj_weight: torch.Tensor) -> torch.Tensor:
-    return down_proj_weight.detach().float().norm(dim=0).cpu()
+def _unit_norms(output_weight: torch.Tensor, block: Block) -> torch.Tensor:
+    """Norm of each unit's input columns of the output (O / down) projection, given as (out, in)."""
+    span = block.trained[OUTPUT if block.kind == "attention" else DOWN]
+    columns = span.positions(torch.arange(block.num_units)).to(output_weight.device)
+    picked = output_weight.detach().float().index_select(1, columns)
+    return picked.reshape(output_weight.shape[0], block.num_units, span.width).norm(dim=(0, 2)).cpu()
 
 
 def _count(
     field_count: int | None,
     field_ratio: float | None,
     budget_params: float,
-    params_per_unit: int,
+    params_per_unit: float,
     units_per_block: int,
     num_blocks: int,
     allocation: str,
     count_field: str,
     unit_name: str,
+    total_units: int,
 ) -> int:
-    """Units per block (uniform) or in total (global)."""
+    """Units per block (uniform; at most the smallest block's) or in total (global)."""
     scale = 1 if allocation == "uniform" else num_blocks
-    available = units_per_block * scale
+    available = units_per_block if allocation == "uniform" else total_units
     if field_count is not None:
         if field_count > available:
             where = "per layer" if allocation == "uniform" else f"over {num_blocks} adapted layers"
@@ -82,14 +84,14 @@ def _count(
     return min(available, requested)
 
 
-def _pick(scores: list[torch.Tensor], counts: list[int], group_size: int) -> list[list[int]]:
+def _pick(scores: list[torch.Tensor], counts: list[int], group_sizes: list[int]) -> list[list[int]]:
     """Top-`count` units by score per block; with group_size > 1 whole groups are filled first.
 
     Filling groups first leaves at most one partly selected K/V group, which is what lets a GQA
     permutation make the selected query heads contiguous while every head keeps its own K/V group.
     """
     picked = []
-    for block_scores, count in zip(scores, counts, strict=True):
+    for block_scores, count, group_size in zip(scores, counts, group_sizes, strict=True):
         if group_size == 1:
             order = torch.argsort(block_scores, descending=True, stable=True)
         else:
@@ -111,73 +113,107 @@ def _global_counts(scores: list[torch.Tensor], total: int) -> list[int]:
 def select_units(
     config: S2FTConfig,
     model: nn.Module,
-    attention: list[AttentionBlock],
-    ffn: list[FFNBlock],
+    attention: list[Block],
+    ffn: list[Block],
     weights: dict[str, torch.Tensor],
+    experts: list[ExpertsBlock] = (),
 ) -> Selection:
     """Choose heads and channels for the adapted blocks.
 
-    `weights` maps "<block prefix>.o_proj" / ".down_proj" to the weight that weight-based strategies score.
+    `weights` maps each block's key to its output (O / down) projection's weight as (out, in), which both the
+    budget (parameters per unit) and weight-based strategies read; for an experts block, its fused `down_proj`.
+    Every expert counts as an FFN of its own: with the uniform allocation each expert trains as many channels as
+    each dense FFN.
     """
-    total_params = count_parameters(model)
-    budget = config.trainable_ratio * total_params
+    budget = config.trainable_ratio * count_parameters(model)
     attention_budget = budget * config.attention_share
-    ffn_budget = budget - attention_budget
+    heads = _select_kind(
+        config, attention, weights, attention_budget, config.heads_per_layer, config.head_ratio, "heads_per_layer", 0
+    )
+    channels, expert_channels = _select_ffn(config, ffn, experts, weights, budget - attention_budget)
+    return Selection(heads, channels, expert_channels)
 
-    heads: dict[str, list[int]] = {}
-    if attention:
-        first = attention[0]
-        hidden = weights[first.module("o_proj")].shape[0]
-        num_heads = _count(
-            config.heads_per_layer,
-            config.head_ratio,
-            attention_budget,
-            hidden * first.head_dim,
-            first.num_heads,
-            len(attention),
-            config.allocation,
-            "heads_per_layer",
-            "heads",
-        )
-        generator = torch.Generator().manual_seed(config.seed)
-        scores = [
-            _unit_scores(
-                config.selection,
-                generator,
-                b.num_heads,
-                None if config.selection == "random" else _head_norms(weights[b.module("o_proj")], b),
-            )
-            for b in attention
-        ]
-        counts = [num_heads] * len(attention) if config.allocation == "uniform" else _global_counts(scores, num_heads)
-        group_size = first.group_size if config.permute else 1
-        heads = {b.prefix: sel for b, sel in zip(attention, _pick(scores, counts, group_size), strict=True) if sel}
 
-    channels: dict[str, list[int]] = {}
-    if ffn:
-        first_ffn = ffn[0]
-        hidden = weights[first_ffn.module("down_proj")].shape[0]
-        num_channels = _count(
-            config.channels_per_layer,
-            config.channel_ratio,
-            ffn_budget,
-            hidden,
-            first_ffn.num_channels,
-            len(ffn),
-            config.allocation,
-            "channels_per_layer",
-            "channels",
+def _select_ffn(
+    config: S2FTConfig,
+    ffn: list[Block],
+    experts: list[ExpertsBlock],
+    weights: dict[str, torch.Tensor],
+    budget: float,
+) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Dense FFN channels, and the channels of every expert (the same count per expert)."""
+    if not experts:
+        channels = _select_kind(
+            config, ffn, weights, budget, config.channels_per_layer, config.channel_ratio, "channels_per_layer", 1
         )
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        scores = [
-            _unit_scores(
-                config.selection,
-                generator,
-                b.num_channels,
-                None if config.selection == "random" else _channel_norms(weights[b.module("down_proj")]),
-            )
-            for b in ffn
-        ]
-        counts = [num_channels] * len(ffn) if config.allocation == "uniform" else _global_counts(scores, num_channels)
-        channels = {b.prefix: sel for b, sel in zip(ffn, _pick(scores, counts, 1), strict=True) if sel}
-    return Selection(heads, channels)
+        return channels, {}
+    if config.allocation != "uniform":
+        raise ValueError(
+            "S2FTConfig.allocation='global' gives FFNs different channel counts, but a fused experts module trains "
+            "the same count in every expert. Use allocation='uniform' on mixture-of-experts models."
+        )
+    per_unit = [weights[b.key].shape[0] for b in ffn] + [b.hidden_size for b in experts for _ in range(b.num_experts)]
+    count = _count(
+        config.channels_per_layer,
+        config.channel_ratio,
+        budget,
+        sum(per_unit) / len(per_unit),
+        min([b.num_units for b in ffn] + [b.num_channels for b in experts]),
+        len(per_unit),
+        "uniform",
+        "channels_per_layer",
+        "channels",
+        total_units=0,
+    )
+    channels = _select_kind(config, ffn, weights, budget, count, None, "channels_per_layer", 1) if ffn else {}
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    expert_channels = {}
+    for block in experts:
+        if config.selection == "random":
+            scores = torch.rand(block.num_experts, block.num_channels, generator=generator)
+        else:
+            down = weights[block.key].detach().float()  # [E, H, I], or [E, I, H] where stored transposed
+            norms = down.norm(dim=2 if block.transposed else 1).cpu()
+            scores = norms if config.selection == "weight_large" else -norms
+        top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :count]
+        expert_channels[block.key] = top.sort(dim=1).values
+    return channels, expert_channels
+
+
+def _select_kind(
+    config: S2FTConfig,
+    blocks: list[Block],
+    weights: dict[str, torch.Tensor],
+    budget: float,
+    count_field_value: int | None,
+    ratio: float | None,
+    count_field: str,
+    seed_offset: int,
+) -> dict[str, list[int]]:
+    """One kind of unit (heads or channels) over its blocks: how many, then which."""
+    if not blocks:
+        return {}
+    output = OUTPUT if blocks[0].kind == "attention" else DOWN
+    params_per_unit = sum(weights[b.key].shape[0] * b.trained[output].width for b in blocks) / len(blocks)
+    count = _count(
+        count_field_value,
+        ratio,
+        budget,
+        params_per_unit,
+        min(b.num_units for b in blocks),
+        len(blocks),
+        config.allocation,
+        count_field,
+        blocks[0].unit_name,
+        total_units=sum(b.num_units for b in blocks),
+    )
+    generator = torch.Generator().manual_seed(config.seed + seed_offset)
+    scores = [
+        _unit_scores(config.selection, generator, b, None if config.selection == "random" else weights[b.key])
+        for b in blocks
+    ]
+    counts = [count] * len(blocks) if config.allocation == "uniform" else _global_counts(scores, count)
+    # Permute mode fills whole K/V groups first, so the selected heads can be made contiguous.
+    group_sizes = [b.group_size if config.permute else 1 for b in blocks]
+    picked = _pick(scores, counts, group_sizes)
+    return {b.key: sel for b, sel in zip(blocks, picked, strict=True) if sel}

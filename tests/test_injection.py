@@ -6,11 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, CohereConfig, Olmo2Config
 
 from peft_s2ft import S2FTConfig, permutation
 from peft_s2ft.layer import S2FTLayer
-from tests.conftest import COMMON
 from tests.snapshots import assert_same_snapshot, model_snapshot
 
 
@@ -70,30 +68,6 @@ def test_a_permute_mode_load_that_cannot_be_made_contiguous_leaves_nothing_behin
         else:
             model.load_adapter(str(tmp_path), adapter_name="loaded")
     assert_same_snapshot(before, model_snapshot(model))
-
-
-FAMILIES_WITH_PER_HEAD_TENSORS = {
-    "olmo2": lambda: Olmo2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
-    "cohere": lambda: CohereConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True),
-}
-
-
-@pytest.mark.parametrize("family", list(FAMILIES_WITH_PER_HEAD_TENSORS))
-def test_permute_mode_is_refused_where_per_head_tensors_are_not_described(family, input_ids):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILIES_WITH_PER_HEAD_TENSORS[family]()).eval()
-    with torch.no_grad():  # non-trivial norm weights, so that a head moved without its norm would show
-        for name, param in model.named_parameters():
-            if "q_norm" in name or "k_norm" in name:
-                param.normal_(1.0, 0.5)
-    expected = model(input_ids).logits
-    before = model_snapshot(model)
-    with pytest.raises(ValueError, match=f"not for '{family}'"):
-        get_peft_model(model, _config(permute=True))
-    assert_same_snapshot(before, model_snapshot(model))
-    # The default mode moves nothing, so it is exact on these families.
-    peft_model = get_peft_model(model, _config(init_weights=True))
-    torch.testing.assert_close(peft_model(input_ids).logits, expected)
 
 
 def test_reloading_a_selection_that_cannot_be_made_contiguous_keeps_the_permute_mode_adapter(load, tmp_path):

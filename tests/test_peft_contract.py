@@ -331,11 +331,19 @@ def test_generate_and_trainable_parameter_report(load, input_ids, capsys):
     assert f"trainable params: {trainable:,}" in capsys.readouterr().out
 
 
-def test_unsupported_architecture_names_what_is_missing():
+def test_an_undescribed_model_type_is_refused_with_the_supported_list():
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    model = AutoModelForCausalLM.from_config(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="no description of model type 'bloom'. Described are: llama, "):
+        get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM"))
+
+
+def test_a_target_that_is_not_a_trained_module_of_this_family_names_the_ones_that_are():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(ValueError, match="decoder layer"):
+    with pytest.raises(ValueError, match=r"contains 'o_proj', .* \(it trains attn.c_attn, attn.c_proj, mlp.c_fc"):
         get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", target_modules=["o_proj"]))
 
 

@@ -1,0 +1,33 @@
+"""The layers S2FT trains: `nn.Linear` (and subclasses such as Falcon's) and transformers' `Conv1D` (GPT-2),
+which stores its weight transposed, (in, out). Everything else in the package sees both as (out, in)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LinearLike = nn.Linear | Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def features(module: LinearLike) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def logical_weight(module: LinearLike, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as (out, in): the parameter itself for nn.Linear, a transposed view (no copy) for Conv1D."""
+    weight = module.weight if weight is None else weight
+    return weight.t() if isinstance(module, Conv1D) else weight
+
+
+def weight_dim(module: LinearLike, side: str) -> int:
+    """The stored weight's dimension holding output rows ("out") or input columns ("in")."""
+    transposed = isinstance(module, Conv1D)
+    return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
