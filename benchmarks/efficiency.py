@@ -7,6 +7,13 @@ possible step, all weights frozen and only input gradients back-propagated (see 
     python benchmarks/efficiency.py --quick
     python benchmarks/efficiency.py --model smollm2-135m,llama-1b-shape --seq-len 256,1024 --batch 4 \\
         --output results.json --plot results.png
+    python benchmarks/efficiency.py --model mixtral-shape --seq-len 256 --batch 4 --output mixtral.json
+
+Random-init shapes of other families (`benchmarks/models.py`: phi3-shape, gpt2-shape, gpt-neox-shape, bert-shape,
+mixtral-shape, and tiny-* versions) train under their family's task (BERT: sequence classification, with its
+classification loss) and LoRA targets (`benchmarks/methods.py`). A method that does not apply to a model
+(`lora-experts` without fused experts, `s2ft-permute` where S2FT refuses it: MoE layers, ALiBi) is left out and
+named, with the reason, in the `skipped_methods` of that model's records.
 """
 
 from __future__ import annotations
@@ -27,15 +34,16 @@ import torch
 
 from benchmarks.measure import StepTimes, adapter_file_bytes, instrumented_step, timed_step
 from benchmarks.methods import (
-    LORA_TARGETS,
+    LORA_METHODS,
     METHODS,
     Trainee,
     copy_for,
+    lora_targets,
     matched_lora_rank,
     prepare,
     s2ft_trainable_count,
 )
-from benchmarks.models import DTYPES, EMBEDDED, load_base_model
+from benchmarks.models import DTYPES, EMBEDDED, RANDOM_SHAPES, load_base_model, task_type
 from benchmarks.report import add_ratios, format_table, write_json
 
 QUICK = {"model": EMBEDDED, "batch": 2, "seq_len": "128", "repeats": 2}
@@ -45,7 +53,10 @@ WARMUP_SHAPE = (1, 16)  # creates the optimizer state before anything is measure
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"Comma list of {EMBEDDED}, llama-1b-shape, tiny, hub ids or folders.")
+    parser.add_argument(
+        "--model",
+        help=f"Comma list of {EMBEDDED}, random-init shapes ({', '.join(RANDOM_SHAPES)}), hub ids or folders.",
+    )
     parser.add_argument("--batch", type=int, help="Sequences per step (default 4).")
     parser.add_argument("--seq-len", help="Comma list of tokens per sequence (default 256).")
     parser.add_argument(
@@ -111,19 +122,37 @@ def machine() -> dict:
     return found
 
 
-def build_trainees(base: torch.nn.Module, methods: list[str], args: argparse.Namespace) -> list[Trainee]:
-    """One copy of `base` per method; LoRA ranks matched to the default S2FT's trainable count."""
+def build_trainees(
+    base: torch.nn.Module, methods: list[str], args: argparse.Namespace, task: str = "CAUSAL_LM"
+) -> tuple[list[Trainee], dict[str, str]]:
+    """One copy of `base` per method; LoRA ranks matched to the default S2FT's trainable count.
+
+    Also returns the methods that do not apply to this model, each with the reason: a LoRA method without
+    targets in its family (`lora-experts` on a model without fused experts), or permute mode where S2FT refuses
+    it (mixture-of-experts layers, ALiBi).
+    """
     base.requires_grad_(False)
-    trainees = {}
-    for method in (m for m in methods if m not in LORA_TARGETS):
-        trainees[method] = prepare(method, copy_for(method, base), peft_feed=args.peft_input)
-    lora_methods = [m for m in methods if m in LORA_TARGETS]
+    trainees, skipped = {}, {}
+    for method in methods:
+        if method in LORA_METHODS and lora_targets(base, method) is None:
+            skipped[method] = f"no {method} targets for model_type {base.config.model_type!r}"
+    for method in (m for m in methods if m not in LORA_METHODS):
+        try:
+            trainees[method] = prepare(method, copy_for(method, base), peft_feed=args.peft_input, task_type=task)
+        except ValueError as error:
+            if method != "s2ft-permute":
+                raise
+            skipped[method] = str(error)
+    lora_methods = [m for m in methods if m in LORA_METHODS and m not in skipped]
     if lora_methods and args.lora_rank is None:
-        budget = trainees["s2ft"].trainable_params() if "s2ft" in trainees else s2ft_trainable_count(base)
+        budget = trainees["s2ft"].trainable_params() if "s2ft" in trainees else s2ft_trainable_count(base, task)
     for method in lora_methods:
-        rank = args.lora_rank or matched_lora_rank(base, method, budget)
-        trainees[method] = prepare(method, copy_for(method, base), lora_rank=rank, peft_feed=args.peft_input)
-    return [trainees[m] for m in methods]
+        rank = args.lora_rank or matched_lora_rank(base, method, budget, task)
+        model = copy_for(method, base)
+        trainees[method] = prepare(method, model, lora_rank=rank, peft_feed=args.peft_input, task_type=task)
+    for method, reason in skipped.items():
+        print(f"  skipping {method}: {reason}", flush=True)
+    return [trainees[m] for m in methods if m in trainees], skipped
 
 
 def measure_shape(trainees: list[Trainee], ids: torch.Tensor, repeats: int) -> list[tuple]:
@@ -141,6 +170,8 @@ def measure_shape(trainees: list[Trainee], ids: torch.Tensor, repeats: int) -> l
 
 
 def record(trainee: Trainee, figures, times: list[StepTimes], context: dict, adapter_bytes: int) -> dict:
+    """One method's figures at one shape; `context` says where (model, shape, environment, skipped methods)."""
+
     def median(phase: str) -> float:
         return statistics.median(getattr(t, phase) for t in times)
 
@@ -171,8 +202,8 @@ def run_model(name: str, methods: list[str], args: argparse.Namespace, environme
     device = torch.device(args.device)
     print(f"[{name}] loading", flush=True)
     base = load_base_model(name, DTYPES[args.dtype], seed=args.seed).to(device)
-    vocab = base.config.vocab_size
-    trainees = build_trainees(base, methods, args)
+    vocab, model_type, task = base.config.vocab_size, base.config.model_type, task_type(name)
+    trainees, skipped = build_trainees(base, methods, args, task)
     del base
     generator = torch.Generator().manual_seed(args.seed)
     for trainee in trainees:
@@ -183,7 +214,15 @@ def run_model(name: str, methods: list[str], args: argparse.Namespace, environme
         batch = args.batch if args.max_tokens is None else max(1, min(args.batch, args.max_tokens // seq_len))
         print(f"[{name}] batch {batch} x {seq_len}", flush=True)
         ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
-        context = {"model": name, "batch": batch, "seq_len": seq_len, **environment}
+        context = {
+            "model": name,
+            "model_type": model_type,
+            "task_type": task,
+            "batch": batch,
+            "seq_len": seq_len,
+            **environment,
+            "skipped_methods": skipped,
+        }
         for trainee, (figures, times), size in zip(
             trainees, measure_shape(trainees, ids, args.repeats), adapter_bytes, strict=True
         ):

@@ -70,13 +70,28 @@ def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `_grouped_mm(a, b, offs)`: one matmul per group, the groups splitting the rows of a 2-D `a` (the
+    experts' forward and input gradient), the contracted dimension of two 2-D operands (the experts' weight
+    gradient), the columns of a 2-D `b`, or none (3-D x 3-D, a batched matmul)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [M, S] x [S, N] -> [G, M, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 2:  # [S, K] x [G, K, N] -> [S, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(b_shape) == 2:  # [G, M, K] x [K, S] -> [M, S]
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # [G, M, K] x [G, K, N]
+
+
 # torch's FLOP counter knows the CUDA attention kernels but not the CPU one, so attention would count as 0
 # on the CPU; these use torch's own SDPA formulas (full, non-causal matrices, as on CUDA). It also counts
-# `addmm` but not the in-place `addmm_` with which S2FT accumulates its deltas' products into the output.
+# `addmm` but not the in-place `addmm_` with which S2FT accumulates its deltas' products into the output, nor
+# `_grouped_mm`, the kernel of transformers' fused experts (MoE models), whose matmuls would count as 0.
 EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
     torch.ops.aten.addmm_: _inplace_addmm_flops,
+    torch.ops.aten._grouped_mm: _grouped_mm_flops,
 }
 
 
@@ -152,7 +167,7 @@ def _inputs(trainee: Trainee, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def _forward(trainee: Trainee, ids: torch.Tensor) -> torch.Tensor:
     if trainee.optimizer is not None:
         trainee.optimizer.zero_grad(set_to_none=True)
-    return trainee.model(**_inputs(trainee, ids), labels=ids, use_cache=False).loss
+    return trainee.model(**_inputs(trainee, ids), labels=trainee.labels(ids), use_cache=False).loss
 
 
 def _update(trainee: Trainee) -> None:

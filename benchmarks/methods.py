@@ -10,19 +10,68 @@ fine-tuning trains the embedding itself, so it gets `input_ids` and back-propaga
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peft_s2ft.train.lora_baseline import PAPER_LORA_TARGETS, lora_config
-from peft_s2ft.train.lora_baseline import matched_lora_rank as _matched_rank
 
-METHODS = ("limit", "full", "lora", "lora-all", "s2ft", "s2ft-permute")
-# "lora" is the paper's baseline (q, k, v, up, down); "lora-all" adapts every linear layer.
-LORA_TARGETS = {
-    "lora": PAPER_LORA_TARGETS,
-    "lora-all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+METHODS = ("limit", "full", "lora", "lora-all", "lora-experts", "s2ft", "s2ft-permute")
+LORA_METHODS = ("lora", "lora-all", "lora-experts")
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What one LoRA method adapts: PEFT's `target_modules` (names or path suffixes, or one regex that must match
+    a whole module path) and `target_parameters` (fused 3-D expert weights, reached through `lora.ParamWrapper`)."""
+
+    modules: tuple[str, ...] | str
+    parameters: tuple[str, ...] = ()
+
+
+# Per family (transformers `model_type`), the targets of each LoRA method, by that family's module names:
+# "lora" is the paper's baseline (q, k, v, up, down; a fused projection holding any of them is adapted whole),
+# "lora-all" adapts every linear map of the layers, "lora-experts" (MoE only) is the paper's baseline with up and
+# down reached inside the fused experts. Families missing here get the Llama names.
+_LLAMA = {
+    "lora": LoraTargets(PAPER_LORA_TARGETS),
+    "lora-all": LoraTargets(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# Fused experts are 3-D parameters, not modules: target_modules reaches only the attention of an MoE layer.
+_MOE = {
+    "lora": LoraTargets(_QKV),
+    "lora-all": LoraTargets((*_QKV, "o_proj"), _EXPERTS),  # not the router (`mlp.gate`)
+    "lora-experts": LoraTargets(_QKV, _EXPERTS),
+}
+# BERT's leaf name `dense` is the attention output, the FFN up (`intermediate.dense`), the FFN down
+# (`layer.N.output.dense`) and the pooler: only a regex over the whole path tells them apart.
+_BERT_LAYER = r".*\.layer\.\d+\."
+LORA_TARGETS: dict[str, dict[str, LoraTargets]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), _LLAMA),
+    "phi3": {
+        "lora": LoraTargets(("qkv_proj", "gate_up_proj", "down_proj")),
+        "lora-all": LoraTargets(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    },
+    # `c_proj` names both the attention output and the FFN down projection; the paper's baseline has only the latter.
+    "gpt2": {
+        "lora": LoraTargets(("c_attn", "c_fc", "mlp.c_proj")),
+        "lora-all": LoraTargets(("c_attn", "c_proj", "c_fc")),
+    },
+    "gpt_neox": {
+        "lora": LoraTargets(("query_key_value", "dense_h_to_4h", "dense_4h_to_h")),
+        "lora-all": LoraTargets(("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h")),
+    },
+    "bert": {
+        "lora": LoraTargets(_BERT_LAYER + r"(attention\.self\.(query|key|value)|intermediate\.dense|output\.dense)"),
+        "lora-all": LoraTargets(
+            _BERT_LAYER + r"(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)"
+        ),
+    },
+    **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe"), _MOE),
 }
 LEARNING_RATE = 1e-5
 # Methods that change the base weights (full fine-tuning; co-permutation, once at set-up) get their own copy of
@@ -40,9 +89,18 @@ class Trainee:
     optimizer: torch.optim.Optimizer | None
     feed: str
     lora_rank: int | None = None
+    task_type: str = "CAUSAL_LM"
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """The labels a step on `ids` trains with: the tokens themselves for a causal LM (the model shifts them),
+        for a sequence classifier a class per sequence derived from its first token (deterministic, balanced
+        enough for random ids)."""
+        if self.task_type == "SEQ_CLS":
+            return ids[:, 0] % self.model.config.num_labels
+        return ids
 
 
 def copy_for(method: str, base: nn.Module) -> nn.Module:
@@ -53,27 +111,65 @@ def copy_for(method: str, base: nn.Module) -> nn.Module:
     return copy.deepcopy(base, memo=shared)
 
 
-def s2ft_config(method: str):
+def s2ft_config(method: str, task_type: str = "CAUSAL_LM"):
     """The S2FT configuration of `method`: the package defaults, optionally with co-permutation."""
     import peft_s2ft
 
-    return peft_s2ft.S2FTConfig(task_type="CAUSAL_LM", permute=method == "s2ft-permute")
+    return peft_s2ft.S2FTConfig(task_type=task_type, permute=method == "s2ft-permute")
 
 
-def s2ft_trainable_count(base: nn.Module) -> int:
+def s2ft_trainable_count(base: nn.Module, task_type: str = "CAUSAL_LM") -> int:
     """Trainable parameters of the default S2FT adapter on `base` (the budget LoRA's rank is matched to)."""
     import peft
 
-    model = peft.get_peft_model(copy.deepcopy(base), s2ft_config("s2ft"))
+    model = peft.get_peft_model(copy_for("s2ft", base), s2ft_config("s2ft", task_type))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def matched_lora_rank(base: nn.Module, method: str, budget: int) -> int:
-    """The rank whose LoRA parameter count (on `method`'s targets) is closest to `budget` (at least 1)."""
-    return _matched_rank(base, LORA_TARGETS[method], budget)
+def lora_targets(model: nn.Module, method: str) -> LoraTargets | None:
+    """The targets of LoRA method `method` on `model`'s family, or None where the method does not apply."""
+    return LORA_TARGETS.get(model.config.model_type, _LLAMA).get(method)
 
 
-def prepare(method: str, model: nn.Module, *, lora_rank: int | None = None, peft_feed: str = "embeds") -> Trainee:
+def method_lora_config(rank: int, targets: LoraTargets, task_type: str = "CAUSAL_LM"):
+    """The paper's LoRA (`peft_s2ft.train.lora_baseline.lora_config`: alpha = 2 x rank, no dropout) on `targets`."""
+    modules = targets.modules if isinstance(targets.modules, str) else list(targets.modules)
+    return dataclasses.replace(
+        lora_config(rank, ()),
+        task_type=task_type,
+        target_modules=modules,
+        target_parameters=list(targets.parameters) or None,
+    )
+
+
+def _lora_trainable_count(base: nn.Module, method: str, rank: int, task_type: str) -> int:
+    import peft
+
+    config = method_lora_config(rank, lora_targets(base, method), task_type)
+    model = peft.get_peft_model(copy_for(method, base), config)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def matched_lora_rank(base: nn.Module, method: str, budget: int, task_type: str = "CAUSAL_LM") -> int:
+    """The rank whose trainable-parameter count (LoRA on `method`'s targets) is closest to `budget` (at least 1).
+
+    The count is read off the adapted model at ranks 1 and 2, so that it is right for every kind of target
+    (`nn.Linear`, GPT-2's `Conv1D`, fused expert parameters, whose LoRA is per expert) and for what PEFT trains
+    besides LoRA (a classifier head in `modules_to_save`, which S2FT's count holds as well).
+    """
+    one, two = (_lora_trainable_count(base, method, rank, task_type) for rank in (1, 2))
+    per_rank, fixed = two - one, 2 * one - two
+    return max(1, round((budget - fixed) / per_rank))
+
+
+def prepare(
+    method: str,
+    model: nn.Module,
+    *,
+    lora_rank: int | None = None,
+    peft_feed: str = "embeds",
+    task_type: str = "CAUSAL_LM",
+) -> Trainee:
     """Turn `model` (a private copy, modified in place) into the trainee of `method`."""
     import peft
 
@@ -84,15 +180,18 @@ def prepare(method: str, model: nn.Module, *, lora_rank: int | None = None, peft
     elif method == "full":
         model.requires_grad_(True)
         feed = "ids"
-    elif method in LORA_TARGETS:
+    elif method in LORA_METHODS:
+        targets = lora_targets(model, method)
+        if targets is None:
+            raise ValueError(f"{method} does not apply to {model.config.model_type} models.")
         if lora_rank is None:
             raise ValueError(f"{method} needs a LoRA rank.")
         rank = lora_rank
-        model, feed = peft.get_peft_model(model, lora_config(rank, LORA_TARGETS[method])), peft_feed
+        model, feed = peft.get_peft_model(model, method_lora_config(rank, targets, task_type)), peft_feed
     elif method in ("s2ft", "s2ft-permute"):
-        model, feed = peft.get_peft_model(model, s2ft_config(method)), peft_feed
+        model, feed = peft.get_peft_model(model, s2ft_config(method, task_type)), peft_feed
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE) if params else None
-    return Trainee(method, model.train(), optimizer, feed, rank)
+    return Trainee(method, model.train(), optimizer, feed, rank, task_type)

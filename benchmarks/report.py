@@ -27,7 +27,8 @@ def _ratio(value: float | None) -> str:
 
 
 def format_table(records: Iterable[dict]) -> str:
-    """A Markdown table, one row per record, ratios to limit next to absolute figures."""
+    """A Markdown table, one row per record, ratios to limit next to absolute figures; then the skipped methods."""
+    records = list(records)
     header = (
         "| model | batch x seq | method | trainable | step s | step/limit | CPU/limit | saved MiB | saved/limit "
         "| peak MiB | peak/limit | GFLOP | FLOP/limit | adapter MB |"
@@ -41,7 +42,9 @@ def format_table(records: Iterable[dict]) -> str:
             f"| {r['peak_mem_bytes'] / MIB:.0f} | {_ratio(r['peak_mem_bytes_ratio'])} "
             f"| {r['flops'] / 1e9:.0f} | {_ratio(r['flops_ratio'])} | {r['adapter_bytes'] / 1e6:.2f} |"
         )
-    return "\n".join(rows)
+    skipped = {r["model"]: r.get("skipped_methods") or {} for r in records}
+    notes = [f"{model}: {method} skipped: {why}" for model, found in skipped.items() for method, why in found.items()]
+    return "\n".join(rows + ([""] if notes else []) + notes)
 
 
 def write_json(records: list[dict], path: str | Path) -> None:
