@@ -19,6 +19,7 @@ spread units over other layers. Every load path runs the same checks before a si
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -201,6 +202,29 @@ def check_entry(
     return indices
 
 
+def _normalized(geometry: dict) -> dict:
+    return json.loads(json.dumps(geometry))
+
+
+def check_geometry(config, structure) -> None:
+    """Refuse an adapter made for a base model of another family or geometry (files saved before this check was
+    introduced carry none, and are checked unit by unit only)."""
+    saved = getattr(config, "_loaded_geometry", getattr(config, "base_geometry", None))
+    if not saved:
+        return
+    saved, current = _normalized(saved), _normalized(structure.geometry())
+    if saved != current:
+        differs = {
+            k: (saved.get(k), current.get(k)) for k in current.keys() | saved.keys() if saved.get(k) != current.get(k)
+        }
+        raise AdapterMismatchError(
+            "The adapter was made for a base model of another architecture: "
+            + ", ".join(f"{k} {was} in the adapter, {now} here" for k, (was, now) in sorted(differs.items()))
+            + ". Its indices would select other heads or channels on this model; load it onto the model it was "
+            "trained on."
+        )
+
+
 def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
     """Validate every S2FT layer of a file against `root`; return path -> (axis, indices). Modifies nothing."""
     entries = _entries(state_dict)
@@ -224,11 +248,27 @@ def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
         if role == EXPERTS:
             checked[path] = (EXPERTS, check_experts_entry(path, block, found[INDICES], found[DELTA]))
             continue
-        axis = block.trained[role].axis
+        span = block.trained[role]
         out_features, in_features = features(base_layer_of(root.get_submodule(path)))
-        indices = check_entry(path, in_features, out_features, axis, found[INDICES], found[DELTA])
-        checked[path] = (axis, indices)
+        indices = check_entry(path, in_features, out_features, span.axis, found[INDICES], found[DELTA])
+        check_whole_units(path, block, span, indices)
+        checked[path] = (span.axis, indices)
     return checked
+
+
+def check_whole_units(where: str, block, span, indices: torch.Tensor) -> None:
+    """An S2FT adapter trains whole heads, K/V groups or channels: indices that split one were made for a model
+    with another head layout (or edited by hand), and would train parts of this model's units."""
+    count = block.num_groups if span.unit == "kv_group" else block.num_units
+    positions = span.positions(torch.arange(count)).reshape(count, span.width)
+    inside = torch.isin(positions, indices)
+    partial = inside.any(dim=1) & ~inside.all(dim=1)
+    outside = ~torch.isin(indices, positions)
+    if bool(partial.any()) or bool(outside.any()):
+        raise AdapterMismatchError(
+            f"Adapter file: layer '{where}' has indices that do not form whole {span.unit.replace('_', ' ')}s of this "
+            f"base model ({span.width} positions each); the adapter was made for a model with another layout."
+        )
 
 
 def check_experts_entry(where: str, block, indices: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -267,8 +307,9 @@ def check_experts_entry(where: str, block, indices: torch.Tensor, delta: torch.T
     return indices
 
 
-def check_experts_layer_entries(layer, state_dict: dict, prefix: str) -> None:
-    """A torch-level load into an experts layer can take only the channels it trains, in the same order."""
+def check_experts_layer_entries(layer, state_dict: dict, prefix: str, align: bool = False) -> None:
+    """A torch-level load into an experts layer can take only the channels it trains (per expert, in any order;
+    with `align`, the incoming delta is reordered to the layer's order in `state_dict`)."""
     where = prefix.removesuffix(".").removeprefix(CHECKPOINT_PREFIX)
     for name in list(layer.s2ft_delta):
         raw, delta = state_dict.get(f"{prefix}{INDICES}.{name}"), state_dict.get(f"{prefix}{DELTA}.{name}")
@@ -278,7 +319,15 @@ def check_experts_layer_entries(layer, state_dict: dict, prefix: str) -> None:
         block = _ExpertsShape(layer.num_experts, layer.hidden_size, layer.intermediate_size)
         current = layer.selected(name)
         indices = check_experts_entry(where, block, current if raw is None else raw, delta)
-        if not torch.equal(indices, current):
+        if torch.equal(indices.sort(dim=1).values, current.sort(dim=1).values):
+            if align and not torch.equal(indices, current):
+                # position of each of the layer's channels among the incoming ones, expert by expert
+                order = (current[:, :, None] == indices[:, None, :]).float().argmax(dim=2)
+                if delta is not None:
+                    index = order.to(delta.device)[:, None, :].expand(-1, delta.shape[1], -1)
+                    state_dict[f"{prefix}{DELTA}.{name}"] = delta.gather(2, index)
+                state_dict[f"{prefix}{INDICES}.{name}"] = current.to(layer.s2ft_indices[name].device)
+        else:
             raise AdapterMismatchError(
                 f"State dict: experts layer '{where}' of adapter '{name}' holds other channels than the layer trains. "
                 "Load adapter files with PeftModel.from_pretrained / load_adapter, which make the layers fit the file."
@@ -322,6 +371,7 @@ def conform_model_to_checkpoint(
     Everything is checked before the first module changes, so a refused file leaves the model as it was.
     """
     root = _root(model)
+    check_geometry(config, describe(root))
     checked = check_checkpoint(root, state_dict)
     current = {
         name: module

@@ -151,6 +151,14 @@ class S2FTConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list (e.g. 'layers'), used with `layers_to_transform`."},
     )
+    base_geometry: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is created: the family, head geometry and FFN/expert sizes of the base "
+            "model it was made for. Loading its weights onto a base model whose geometry differs is refused, since "
+            "the same column indices would mean other heads or channels there."
+        },
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={

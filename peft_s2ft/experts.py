@@ -553,7 +553,7 @@ class S2FTExpertsLayer(nn.Module, S2FTTunerLayer):
         # A torch-level load copies tensors as they are: it can only take the channels this layer trains.
         from .checkpoint import check_experts_layer_entries
 
-        check_experts_layer_entries(self, state_dict, prefix)
+        check_experts_layer_entries(self, state_dict, prefix, align=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -94,6 +94,11 @@ def trained_roles(config: S2FTConfig, structure: ModelStructure) -> set[str]:
                 f"S2FTConfig.target_modules={shown} names {modules} ({role} rows) but {flag}=False: set {flag}=True to "
                 f"train the {role} rows of the selected units."
             )
+        if getattr(config, flag) and not modules:
+            raise ValueError(
+                f"S2FTConfig.{flag}=True, but this model has no {role} projection S2FT can train rows of (its "
+                f"{'FFNs are fused experts' if role == UP else 'attention has none'}): set {flag}=False."
+            )
         if getattr(config, flag) and role not in named:
             raise ValueError(
                 f"S2FTConfig.{flag}=True, but target_modules={shown} does not name {modules}: add it, or leave "
@@ -136,6 +141,12 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
     attention = [b for b in structure.attention if wanted(b)]
     ffn = [b for b in structure.ffn if wanted(b)]
     experts = [b for b in structure.experts if EXPERTS in roles and check_target_module_exists(config, b.key)]
+    if experts and config.train_up:
+        raise ValueError(
+            f"S2FTConfig.train_up=True trains up-projection rows, which S2FT does not train inside fused experts "
+            f"({experts[0].key} and {len(experts) - 1} more): set train_up=False, or leave the experts out of "
+            "target_modules to train up rows of the dense FFNs only."
+        )
     weights = {b.key: logical_weight(base_layer_of(model.get_submodule(b.key))) for b in attention + ffn}
     weights |= {b.key: base_layer_of(model.get_submodule(b.key)).down_proj for b in experts}
     if config.selection != "random" and any(w.is_meta for w in weights.values()):
@@ -218,8 +229,9 @@ class S2FTModel(BaseTuner):
             raise
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
+        structure = describe(self.model)
         if peft_config.target_modules is None:
-            peft_config.target_modules = default_target_modules(peft_config, describe(self.model))
+            peft_config.target_modules = default_target_modules(peft_config, structure)
         return peft_config
 
     def _check_new_adapter_config(self, config: S2FTConfig) -> None:
@@ -241,11 +253,17 @@ class S2FTModel(BaseTuner):
         source = getattr(config, "_adapter_source", None)
         if source is not None and source.fingerprint != config.selection_fingerprint():
             source = None  # edited since it was read: the user asks for another selection
+        if not hasattr(config, "_loaded_geometry"):
+            # What the config said before this injection records this model's: the file's base model, for loads.
+            config._loaded_geometry = config.base_geometry
         state_dict = source.read() if source is not None else None
         if state_dict is not None:
+            checkpoint.check_geometry(config, structure)
             plan = checkpoint.check_checkpoint(model, state_dict)
         else:
             plan = selection_plan(config, model, structure)
+        # Recorded only once the plan stands: a refused load leaves the config as it was.
+        config.base_geometry = structure.geometry()
         refuse_foreign_layers(model, structure, plan, config.permute)
         if config.permute and any(axis == EXPERTS for axis, _ in plan.values()):
             raise ValueError(checkpoint.PERMUTE_EXPERTS)

@@ -162,12 +162,19 @@ def block_orders(model: nn.Module, structure, selected: dict[str, torch.Tensor])
             stored = torch.argsort(order)[selected[span.path]].sort().values
             leading = span.positions(torch.arange(len(stored) // span.width))  # the block's first units
             contiguous = int(stored[-1]) - int(stored[0]) + 1 == len(stored)
-            if len(stored) % span.width or not torch.equal(stored, leading.sort().values) or not contiguous:
+            leads = len(stored) % span.width == 0 and torch.equal(stored, leading.sort().values)
+            if leads and not contiguous:
+                raise ValueError(
+                    f"permute=True cannot make the units trained in '{span.path}' one block: this family's fused "
+                    f"layout interleaves them with other rows (one {span.unit.replace('_', ' ')} every {span.outer} "
+                    "positions). Select a single unit there, or use the default mode (permute=False), which trains "
+                    "any selection."
+                )
+            if not leads:
                 raise ValueError(
                     f"permute=True cannot make the units trained in '{span.path}' contiguous: its indices are not "
                     "whole heads, or value rows outside the selected heads' K/V groups, or up rows other than the down "
-                    "columns, or the fused layout interleaves them. The default mode (permute=False) trains such a "
-                    "selection."
+                    "columns. The default mode (permute=False) trains such a selection."
                 )
         owner = next(span.path for span in trained)
         plans.append((owner, members))

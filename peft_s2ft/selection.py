@@ -65,7 +65,7 @@ def _count(
     available = units_per_block if allocation == "uniform" else total_units
     if field_count is not None:
         if field_count > available:
-            where = "per layer" if allocation == "uniform" else f"over {num_blocks} adapted layers"
+            where = "in the smallest adapted layer" if allocation == "uniform" else f"over {num_blocks} adapted layers"
             raise ValueError(f"S2FTConfig.{count_field}={field_count}, but the model has only {available} {where}.")
         return field_count
     if field_ratio is not None:

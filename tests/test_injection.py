@@ -127,7 +127,9 @@ def test_a_permute_mode_file_whose_units_cannot_lead_their_block_is_refused_with
     if loader == "over the same name":
         model = get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", **fields))
     before = model_snapshot(model)
-    with pytest.raises(ValueError, match="cannot make the units trained in .* contiguous"):
+    # Split heads are not an S2FT file for this model at all: refused by the file check, before permute mode's.
+    message = "do not form whole heads" if case == "columns that are not whole heads" else "cannot make the units"
+    with pytest.raises(ValueError, match=message):
         if loader == "PeftModel.from_pretrained":
             PeftModel.from_pretrained(model, tmp_path)
         elif loader == "transformers load_adapter":

@@ -8,7 +8,7 @@ wrong way or a forgotten tensor is an error here, not a silently wrong permutati
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -98,6 +98,20 @@ class ModelStructure:
     attention: tuple[Block, ...]
     ffn: tuple[Block, ...]
     experts: tuple[ExpertsBlock, ...] = ()
+    symbols: dict[str, int] = field(default_factory=dict)
+
+    def geometry(self) -> dict:
+        """What an adapter's indices mean on this model: its family, head geometry, FFN and expert sizes.
+
+        Saved in the adapter config; a file is refused on a base model whose geometry differs (where LoRA's
+        tensor shapes would differ, S2FT's index lists may still fit and would silently mean other units).
+        """
+        return {
+            "family": self.family.name,
+            **{key: self.symbols[key] for key in ("nH", "nKV", "hd", "vd") if key in self.symbols},
+            "ffn_widths": sorted({block.num_units for block in self.ffn}),
+            "experts": sorted({(block.num_experts, block.num_channels) for block in self.experts}),
+        }
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -241,16 +255,32 @@ def _experts_block(path: str, index: int, module: nn.Module) -> ExpertsBlock:
     return ExpertsBlock(index, path, num_experts, hidden, channels, layout.transposed)
 
 
+def _text_model_path(model: nn.Module, config) -> str:
+    """ "" for a text model; for a multimodal wrapper, the path of its sub-model configured by the text config."""
+    if getattr(model, "config", None) is config:
+        return ""
+    for path, module in model.named_modules():
+        if path and getattr(module, "config", None) is config and hasattr(module, "get_input_embeddings"):
+            return path
+    raise UnsupportedModelError(
+        f"S2FT found no sub-model of {type(model).__name__} configured by its text config: it trains the text decoder "
+        "of multimodal models, and could not tell which modules belong to it. Apply it to the text model itself."
+    )
+
+
 def describe(model: nn.Module) -> ModelStructure:
     """Every attention, FFN and experts block of `model`, checked against its family's description."""
     config = text_config(model)
     family = family_of(config)
     symbols = family.symbols(config)
     modules = dict(model.named_modules())
+    root = _text_model_path(model, config)
     attention, ffn, experts = [], [], []
     for layer_path in modules:
         if not _LAYER.search(layer_path) or ".base_layer" in layer_path:
             continue
+        if root and not layer_path.startswith(root + "."):
+            continue  # a vision tower or another sub-model: its geometry is not the text config's
         index = int(layer_path.rpartition(".")[2])
 
         def exists(relative: str, layer_path=layer_path) -> bool:
@@ -286,4 +316,4 @@ def describe(model: nn.Module) -> ModelStructure:
             f"S2FT found no layer of the '{family.name}' family's layout in {type(model).__name__} (looked for "
             f"{[lay.output.path for lay in family.attention]} under numbered layers)."
         )
-    return ModelStructure(family, tuple(attention), tuple(ffn), tuple(experts))
+    return ModelStructure(family, tuple(attention), tuple(ffn), tuple(experts), symbols)
