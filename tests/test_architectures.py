@@ -309,3 +309,20 @@ def test_a_torch_level_load_takes_an_experts_layers_channels_in_another_order(fa
     fresh = get_peft_model(load(family_dirs["mixtral"], "mixtral"), _task_config("mixtral"))
     fresh.load_state_dict(state)
     torch.testing.assert_close(_output(fresh, "mixtral"), expected)
+
+
+def test_a_multimodal_wrapper_adapts_only_its_text_decoder():
+    """Llama 4's vision tower uses Llama names but its own geometry: only the language model is described."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=48, intermediate_size_mlp=63, num_hidden_layers=2)
+    text |= dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, max_position_embeddings=64
+    )
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    vision |= dict(patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    config = Llama4Config(text_config=text | {"interleave_moe_layer_step": 2}, vision_config=vision)
+    model = get_peft_model(Llama4ForConditionalGeneration(config).eval(), S2FTConfig(task_type="CAUSAL_LM"))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, (S2FTLayer, S2FTExpertsLayer))]
+    assert adapted and all(".language_model." in n for n in adapted)
