@@ -23,7 +23,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -244,16 +243,23 @@ class ExpertsChannelDelta(torch.autograd.Function):
             weight, bias = _selected_gate_up(gate_up_proj, gate_up_bias, layout, positions, dtype)
             order, token_of, counts = _route(top_k_index, num_experts, x.shape[0], x.device)
             weights_sorted = None if top_k_weights is None else top_k_weights.reshape(-1)[order]
-            pre = x.new_empty(sum(counts), positions.shape[1])
+            # One gather of the routed tokens and one scatter of their results; per expert only the two matmuls.
+            routed_pairs = sum(counts)
+            tokens = token_of[:routed_pairs]
+            routed = x.index_select(0, tokens)
+            pre = x.new_empty(routed_pairs, positions.shape[1])
+            y = x.new_empty(routed_pairs, x.shape[1])
             for e, start, stop in _spans(counts):
-                pre[start:stop] = F.linear(x[token_of[start:stop]], weight[e], None if bias is None else bias[e])
+                if bias is None:
+                    torch.mm(routed[start:stop], weight[e].t(), out=pre[start:stop])
+                else:
+                    torch.addmm(bias[e], routed[start:stop], weight[e].t(), out=pre[start:stop])
             h = gate_fn(pre)
-            out = torch.zeros_like(hidden)
             for e, start, stop in _spans(counts):
-                y = h[start:stop] @ delta[e].to(dtype).t()
-                if weights_sorted is not None:
-                    y = y * weights_sorted[start:stop, None]
-                out.index_add_(0, token_of[start:stop], y.to(out.dtype))
+                torch.mm(h[start:stop], delta[e].to(dtype).t(), out=y[start:stop])
+            if weights_sorted is not None:
+                y = y * weights_sorted[:routed_pairs, None]  # promoted as the eager experts code does
+            out = torch.zeros_like(hidden).index_add_(0, tokens, y.to(hidden.dtype))
         ctx.spec, ctx.dtype, ctx.hidden_dtype = spec, dtype, hidden.dtype
         full_input = [hidden] if ctx.needs_input_grad[3] else []  # a trainable gate_up_proj needs all of hidden
         ctx.save_for_backward(gate_up_proj, gate_up_bias, delta, indices, top_k_index, top_k_weights, pre, *full_input)
