@@ -357,7 +357,7 @@ def experts_extra_term(
 
 
 # --------------------------------------------------------------------------------------------------
-class S2FTExpertsLayer(nn.Module, S2FTTunerLayer):
+class S2FTExpertsLayer(S2FTTunerLayer):
     """Wraps a fused experts module; `s2ft_delta[name]` [E, H, k] is the trainable block of every expert,
     `s2ft_indices[name]` [E, k] its channels (original numbering, one row per expert).
 
@@ -365,9 +365,6 @@ class S2FTExpertsLayer(nn.Module, S2FTTunerLayer):
     active adapter adds its extra term. Merging writes the deltas into down_proj's columns (rows where transposed)
     and keeps what it overwrote, so unmerging restores them bit for bit.
     """
-
-    adapter_layer_names = ("s2ft_delta",)
-    other_param_names = ("s2ft_indices", "s2ft_merge_backup")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor, init_weights: bool = True
@@ -430,48 +427,8 @@ class S2FTExpertsLayer(nn.Module, S2FTTunerLayer):
             raise ValueError(f"S2FT expert indices for adapter '{adapter_name}' contain duplicates (experts {rows}).")
         return indices
 
-    def selected(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's [E, k] indices as a CPU tensor; real values also while the layer is on the meta device."""
-        return self._index_master[adapter_name]
-
-    def _set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
-        self._index_master[adapter_name] = indices
-        self.s2ft_indices[adapter_name] = indices.to(self.get_base_layer().down_proj.device)
-
-    def _initialize_delta(self, adapter_name: str) -> None:
-        delta = self.s2ft_delta[adapter_name]
-        if delta.is_meta:
-            return
-        with torch.no_grad():
-            if self._init_weights[adapter_name]:
-                delta.zero_()
-            else:
-                delta.normal_(std=0.1)
-
-    def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
-        """Give an adapter another selection; the Parameter object stays (see `S2FTLayer.resize_adapter`)."""
-        indices = self._checked_indices(adapter_name, indices)
-        param = self.s2ft_delta[adapter_name]
-        param.data = torch.zeros(self.delta_shape(indices.shape[1]), dtype=param.dtype, device=param.device)
-        self._set_indices(adapter_name, indices)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._index_master.pop(adapter_name, None)
-        self._init_weights.pop(adapter_name, None)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Keep indices and fresh deltas meaningful through `to_empty`, as `S2FTLayer._apply` does."""
-        was_meta = {name: delta.is_meta for name, delta in self.s2ft_delta.items()}
-        result = super()._apply(fn, recurse)
-        for name in list(self.s2ft_indices.keys()):
-            device = self.s2ft_indices[name].device
-            if device.type != "meta":
-                self.s2ft_indices[name] = self._index_master[name].to(device)
-        for name, delta in self.s2ft_delta.items():
-            if was_meta.get(name) and not delta.is_meta:
-                self._initialize_delta(name)
-        return result
+    def _index_device(self) -> torch.device:
+        return self.get_base_layer().down_proj.device
 
     def _down_index(self, adapter_name: str, device) -> tuple[int, torch.Tensor]:
         """(dim, gather/scatter index) addressing the adapter's block of down_proj."""

@@ -13,14 +13,70 @@ from .linear_like import features, is_linear_like, logical_weight
 from .partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
 
 
-class S2FTTunerLayer(BaseTunerLayer):
-    """What every S2FT layer is (a linear layer's, an experts module's), so PEFT finds them all by one class."""
+class S2FTTunerLayer(nn.Module, BaseTunerLayer):
+    """What every S2FT layer is (a linear layer's, an experts module's), so PEFT finds them all by one class, and
+    the bookkeeping they share: per adapter a delta, its indices (with CPU copies) and how it starts.
+
+    Subclasses hold `s2ft_delta`, `s2ft_indices`, `_index_master`, `_init_weights` and define `delta_shape`,
+    `_checked_indices` and `_index_device`.
+    """
 
     adapter_layer_names = ("s2ft_delta",)
     other_param_names = ("s2ft_indices", "s2ft_merge_backup")
 
+    def selected(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's indices as a CPU tensor; real values also while the layer is on the meta device."""
+        return self._index_master[adapter_name]
 
-class S2FTLayer(nn.Module, S2FTTunerLayer):
+    def _set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
+        self._index_master[adapter_name] = indices
+        self.s2ft_indices[adapter_name] = indices.to(self._index_device())
+
+    def _initialize_delta(self, adapter_name: str) -> None:
+        delta = self.s2ft_delta[adapter_name]
+        if delta.is_meta:
+            return
+        with torch.no_grad():
+            if self._init_weights[adapter_name]:
+                delta.zero_()
+            else:
+                delta.normal_(std=0.1)
+
+    def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
+        """Give an adapter another selection (loading a file whose indices differ from the config's).
+
+        The Parameter object stays, so an optimizer built before the load keeps updating it (its state for the old
+        shape fails loudly at the next step if the count changed).
+        """
+        indices = self._checked_indices(adapter_name, indices)
+        param = self.s2ft_delta[adapter_name]
+        param.data = torch.zeros(self.delta_shape(indices.shape[-1]), dtype=param.dtype, device=param.device)
+        self._set_indices(adapter_name, indices)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._index_master.pop(adapter_name, None)
+        self._init_weights.pop(adapter_name, None)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep indices and fresh deltas meaningful through `to_empty` (meta-device construction).
+
+        `to_empty` gives every tensor uninitialized memory. Indices are restored from their CPU copies; a delta
+        that was created on the meta device gets its initial value (zero, or random with init_weights=False).
+        """
+        was_meta = {name: delta.is_meta for name, delta in self.s2ft_delta.items()}
+        result = super()._apply(fn, recurse)
+        for name in list(self.s2ft_indices.keys()):
+            device = self.s2ft_indices[name].device
+            if device.type != "meta":
+                self.s2ft_indices[name] = self._index_master[name].to(device)
+        for name, delta in self.s2ft_delta.items():
+            if was_meta.get(name) and not delta.is_meta:
+                self._initialize_delta(name)
+        return result
+
+
+class S2FTLayer(S2FTTunerLayer):
     """Wraps the base linear layer; `s2ft_delta[name]` is the trainable block, `s2ft_indices[name]` its
     columns (axis "in") or rows (axis "out") in the model's ORIGINAL coordinates.
 
@@ -31,9 +87,6 @@ class S2FTLayer(nn.Module, S2FTTunerLayer):
     weights are co-permuted once, so the block's columns sit contiguously at `block_range`. Merging writes the
     deltas into the weight and keeps the columns it overwrote, so unmerging restores them bit for bit.
     """
-
-    adapter_layer_names = ("s2ft_delta",)
-    other_param_names = ("s2ft_indices", "s2ft_merge_backup")
 
     def __init__(
         self,
@@ -110,56 +163,8 @@ class S2FTLayer(nn.Module, S2FTTunerLayer):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' contain duplicates.")
         return indices
 
-    def selected(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's indices as a CPU tensor; real values also while the layer is on the meta device."""
-        return self._index_master[adapter_name]
-
-    def _set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
-        self._index_master[adapter_name] = indices
-        self.s2ft_indices[adapter_name] = indices.to(self.get_base_layer().weight.device)
-
-    def _initialize_delta(self, adapter_name: str) -> None:
-        delta = self.s2ft_delta[adapter_name]
-        if delta.is_meta:
-            return
-        with torch.no_grad():
-            if self._init_weights[adapter_name]:
-                delta.zero_()
-            else:
-                delta.normal_(std=0.1)
-
-    def resize_adapter(self, adapter_name: str, indices: torch.Tensor) -> None:
-        """Give an adapter another selection (loading a file whose indices differ from the config's).
-
-        The Parameter object stays, so an optimizer built before the load keeps updating it (its state for the old
-        shape fails loudly at the next step if the count changed).
-        """
-        indices = self._checked_indices(adapter_name, indices)
-        param = self.s2ft_delta[adapter_name]
-        param.data = torch.zeros(self.delta_shape(len(indices)), dtype=param.dtype, device=param.device)
-        self._set_indices(adapter_name, indices)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._index_master.pop(adapter_name, None)
-        self._init_weights.pop(adapter_name, None)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Keep indices and fresh deltas meaningful through `to_empty` (meta-device construction).
-
-        `to_empty` gives every tensor uninitialized memory. Indices are restored from their CPU copies; a delta
-        that was created on the meta device gets its initial value (zero, or random with init_weights=False).
-        """
-        was_meta = {name: delta.is_meta for name, delta in self.s2ft_delta.items()}
-        result = super()._apply(fn, recurse)
-        for name in list(self.s2ft_indices.keys()):
-            device = self.s2ft_indices[name].device
-            if device.type != "meta":
-                self.s2ft_indices[name] = self._index_master[name].to(device)
-        for name, delta in self.s2ft_delta.items():
-            if was_meta.get(name) and not delta.is_meta:
-                self._initialize_delta(name)
-        return result
+    def _index_device(self) -> torch.device:
+        return self.get_base_layer().weight.device
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in) (a view for Conv1D, whose parameter is stored (in, out))."""
