@@ -174,16 +174,38 @@ class S2FTLayer(S2FTTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta against the ORIGINAL base weight (also in permute mode), in the weight's own storage
         orientation as PEFT's layers return it: (out, in), or (in, out) for a Conv1D (which `convert_to_lora`
-        expects)."""
+        expects). Zero for another adapter of the model that does not cover this layer (`convert_to_lora` asks every
+        tuner layer); an adapter the model does not have is refused, see `supports_lora_conversion`."""
         weight = self.base_weight()
-        delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
         dense = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-        dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(weight.device), delta)
+        if adapter_name in self.s2ft_delta:
+            delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
+            dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(weight.device), delta)
+        else:
+            self.supports_lora_conversion(adapter_name)
         return logical_weight(self.get_base_layer(), dense).contiguous()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        # A delta on |S| columns (rows) has rank <= |S|: a LoRA of that rank reproduces it exactly.
-        return True
+        """True: a delta on |S| columns (rows) has rank <= |S|, and an adapter of the model that does not cover this
+        layer leaves it unchanged, so a LoRA reproduces both exactly.
+
+        `convert_to_lora` asks every tuner layer of the model about the adapter, also layers that only hold others.
+        A layer without it answers True only when it can tell the name belongs to the model (the tuner records the
+        model's adapter configs as `_model_peft_config`): a misspelt name would otherwise convert to a LoRA of zeros.
+        """
+        known = getattr(self, "_model_peft_config", None)
+        if adapter_name in self.s2ft_delta or (known is not None and adapter_name in known):
+            return True
+        if known is not None:
+            raise ValueError(
+                f"The model has no adapter named '{adapter_name}' (its adapters: {', '.join(sorted(known))})."
+            )
+        raise ValueError(
+            f"This S2FT layer ({self.get_base_layer().__class__.__name__}) does not hold adapter '{adapter_name}' (it "
+            f"holds {', '.join(sorted(self.s2ft_delta))}) and cannot tell whether another layer of the model does. "
+            "Check the adapter name, or export the adapter exactly with peft_s2ft.export.export_lora(model, folder, "
+            "adapter_name), which writes only the layers that hold it."
+        )
 
     def location(self, adapter_name: str) -> tuple[tuple[int, int] | None, torch.Tensor]:
         """Where the adapter's block sits in the weight as stored now: a range (permute mode) or its indices."""
