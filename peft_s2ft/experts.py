@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layer import S2FTTunerLayer
+from .mixed_batch import GROUPS_KWARG, RowGroups
 from .partial_backprop import _compute_dtype
 
 ROUTED = "routed"  # forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
@@ -494,10 +495,13 @@ class S2FTExpertsLayer(S2FTTunerLayer):
         return tuple(values.get(name) for name in self._argument_names)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        groups = kwargs.pop(GROUPS_KWARG, None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
+        if groups is not None:
+            return self._mixed_batch_forward(groups, args, kwargs)
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if self.merged or not active:
             return self.base_layer(*args, **kwargs)
@@ -510,6 +514,42 @@ class S2FTExpertsLayer(S2FTTunerLayer):
                 base, self.layout, hidden2, index, weights, self.s2ft_delta[name], self.s2ft_indices[name]
             )
             out = out + extra.view(out.shape)
+        return out
+
+    def _mixed_batch_forward(self, groups: RowGroups, args, kwargs) -> torch.Tensor:
+        """The experts once for all tokens, then each adapter's extra term on its rows' tokens only.
+
+        Routed experts see the batch flattened to (batch * positions, hidden), so a row's tokens are a contiguous
+        run of that axis."""
+        if self.merged:
+            raise ValueError(
+                f"Cannot pass `adapter_names` while adapter(s) {', '.join(self.merged_adapters)} are merged into the "
+                "base weights: every row would see them. Call unmerge_adapter() first."
+            )
+        if self.layout.convention == PER_EXPERT:
+            raise ValueError(
+                f"Mixed-adapter batches (`adapter_names`) are not supported on {type(self.base_layer).__name__}: it "
+                "receives tokens already dispatched per expert, so their batch rows are unknown here. Run one batch "
+                "per adapter after set_adapter(name)."
+            )
+        out = self.base_layer(*args, **kwargs)
+        hidden, index, weights = self._routing(args, kwargs)
+        hidden2 = hidden.reshape(-1, hidden.shape[-1])
+        flat = out.view(hidden2.shape[0], -1)
+        base = self.get_base_layer()
+        for name, tokens in groups.rows_of(hidden2, type(self.base_layer).__name__):
+            if name not in self.s2ft_delta:
+                continue
+            extra = experts_extra_term(
+                base,
+                self.layout,
+                hidden2.index_select(0, tokens),
+                index.index_select(0, tokens),
+                weights.index_select(0, tokens),
+                self.s2ft_delta[name],
+                self.s2ft_indices[name],
+            )
+            flat.index_add_(0, tokens, extra.reshape(len(tokens), -1).to(flat.dtype))
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .linear_like import features, is_linear_like, logical_weight
+from .mixed_batch import GROUPS_KWARG, RowGroups, add_rows_contribution
 from .partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
 
 
@@ -255,10 +256,13 @@ class S2FTLayer(S2FTTunerLayer):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        groups = kwargs.pop(GROUPS_KWARG, None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if groups is not None:
+            return self._mixed_batch_forward(x, groups, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -274,6 +278,21 @@ class S2FTLayer(S2FTTunerLayer):
         deltas = [self.s2ft_delta[name] for name in active]
         indices = [] if self.block_range is not None else [self.s2ft_indices[name] for name in active]
         return SparseDeltaLinear.apply(x, logical_weight(base), base.bias, spec, *deltas, *indices)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, groups: RowGroups, *args, **kwargs) -> torch.Tensor:
+        """The frozen matmul once for the whole batch, then each adapter's contribution on its rows only."""
+        if self.merged:
+            raise ValueError(
+                f"Cannot pass `adapter_names` while adapter(s) {', '.join(self.merged_adapters)} are merged into the "
+                "base weights: every row would see them. Call unmerge_adapter() first."
+            )
+        out = self.base_layer(x, *args, **kwargs)
+        for name, rows in groups.rows_of(x, type(self.get_base_layer()).__name__):
+            if name not in self.s2ft_delta:
+                continue
+            where, index = self.location(name)
+            add_rows_contribution(out, x, rows, self.axis, where, index, self.s2ft_delta[name])
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Every torch-level load (also a user's own `load_state_dict`) passes here before the adapter tensors are

@@ -28,6 +28,7 @@ from .architectures.discovery import base_layer_of
 from .config import S2FTConfig
 from .layer import S2FTTunerLayer
 from .linear_like import logical_weight
+from .mixed_batch import mixed_batch_hooks
 from .peft_type import PREFIX
 from .selection import select_units
 
@@ -357,15 +358,16 @@ class S2FTModel(BaseTuner):
         super().delete_adapter(adapter_name)
 
     # ----------------------------------------------------------------------------------------------
-    # features PEFT routes to the tuner that S2FT does not have yet: a clear error, never a silent fallback
+    # serving
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(
-                "S2FT does not support mixed-adapter batches yet: with `adapter_names=[...]` every row would get the "
-                "active adapter. Run one batch per adapter after `set_adapter(name)` instead."
-            )
-        yield
+        """`adapter_names=[...]`: one adapter (or "__base__") per row of the batch; see mixed_batch.py."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        with mixed_batch_hooks(self, adapter_names, kwargs.get("num_beams")):
+            yield
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(

@@ -66,17 +66,6 @@ def test_only_the_row_projection_trains_what_the_user_asked(load, input_ids, tar
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_mixed_adapter_batches_raise_instead_of_using_the_active_adapter(load, input_ids):
-    model = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))
-    model.add_adapter("other", S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=1))
-    model.eval()
-    with pytest.raises(ValueError, match="mixed-adapter batches"):
-        model(input_ids, adapter_names=["default", "other"])
-    with pytest.raises(ValueError, match="mixed-adapter batches"):
-        model.generate(input_ids=input_ids, max_new_tokens=2, adapter_names=["default", "other"])
-    model(input_ids, adapter_names=None)  # the argument left unset is fine
-
-
 def test_add_weighted_adapter_says_it_is_not_implemented(load):
     model = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM"))
     with pytest.raises(NotImplementedError, match="does not implement add_weighted_adapter"):
