@@ -3,8 +3,10 @@
 from .architectures import SUPPORTED_MODEL_TYPES
 from .config import S2FTConfig
 from .experts import S2FTExpertsLayer
+from .export import export_lora
 from .layer import S2FTLayer
 from .model import S2FTModel
+from .overlap import selection_overlap
 from .peft_type import S2FTPeftType
 from .registration import register
 
@@ -17,6 +19,8 @@ __all__ = [
     "S2FTLayer",
     "S2FTModel",
     "S2FTPeftType",
+    "export_lora",
     "register",
+    "selection_overlap",
 ]
 __version__ = "0.1.0"

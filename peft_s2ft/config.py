@@ -25,6 +25,7 @@ SELECTION_FIELDS = (
     "selection",
     "allocation",
     "seed",
+    "disjoint_from",
     "train_v",
     "train_up",
     "exclude_modules",
@@ -96,6 +97,15 @@ class S2FTConfig(PeftConfig):
             "help": "Seed of the selection. It does not touch torch's global random state. A config read from an "
             "adapter folder (S2FTConfig.from_pretrained, as PeftModel.from_pretrained does) takes that adapter's "
             "selection from its file instead, as long as its selection fields are left as read."
+        },
+    )
+    disjoint_from: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Adapters whose selected heads and channels this adapter must not select: names of S2FT adapters "
+            "already on the model, or folders / hub ids of saved S2FT adapters. Adapters with disjoint selections "
+            "fuse without interfering (add_weighted_adapter adds them column by column). Only a fresh selection "
+            "reads it; loading an adapter follows its file."
         },
     )
     train_v: bool = field(
@@ -173,6 +183,8 @@ class S2FTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.disjoint_from, str):
+            self.disjoint_from = [self.disjoint_from]
         self._validate()
 
     def _validate(self) -> None:
@@ -203,6 +215,10 @@ class S2FTConfig(PeftConfig):
             fail("allocation", f"unknown allocation; choose one of {', '.join(ALLOCATIONS)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             fail("layers_pattern", "only has an effect together with layers_to_transform.")
+        if self.disjoint_from is not None and (
+            not isinstance(self.disjoint_from, (list, tuple)) or not all(isinstance(a, str) for a in self.disjoint_from)
+        ):
+            fail("disjoint_from", "must be a list of adapter names on the model or paths of saved S2FT adapters.")
         if self.train_v and self.attention_off:
             fail("train_v", "trains the value rows of the selected heads, but this config selects no heads.")
         if self.train_up and self.ffn_off:

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from . import checkpoint, permutation
+from . import checkpoint, fusion, permutation
 from .architectures import (
     DOWN,
     EXPERTS,
@@ -29,6 +29,7 @@ from .config import S2FTConfig
 from .layer import S2FTTunerLayer
 from .linear_like import logical_weight
 from .mixed_batch import mixed_batch_hooks
+from .overlap import units_of
 from .peft_type import PREFIX
 from .selection import select_units
 
@@ -156,7 +157,8 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
             "(the model was built under init_empty_weights). Load the real weights before get_peft_model, or use "
             "selection='random'."
         )
-    selection = select_units(config, model, attention, ffn, weights, experts)
+    taken = units_of(model, config.disjoint_from, structure) if config.disjoint_from else None
+    selection = select_units(config, model, attention, ffn, weights, experts, taken)
 
     plan: Plan = {}
     for block in attention + ffn:
@@ -301,8 +303,16 @@ class S2FTModel(BaseTuner):
             raise
         finally:
             del self._pending_plan
+        self._record_adapters_on_layers(model)
         if self._injected_directly and hasattr(type(model), "_load_pretrained_model"):
             checkpoint.LoadAdapterBridge(adapter_name, requires_grad).install(model)
+
+    def _record_adapters_on_layers(self, model: nn.Module) -> None:
+        """Every S2FT layer sees the model's adapter configs, so `supports_lora_conversion` (PEFT's convert_to_lora)
+        can tell another adapter's name (a zero delta on this layer) from one the model does not have."""
+        for module in model.modules():
+            if isinstance(module, S2FTTunerLayer):
+                module._model_peft_config = self.peft_config
 
     def _attach_unvisited(self, model: nn.Module, adapter_name: str, config: S2FTConfig) -> None:
         """Layers of a file's plan that `target_modules` does not name (the file is the truth)."""
@@ -352,6 +362,17 @@ class S2FTModel(BaseTuner):
         the wrapper, which fails for wrapped modules that have none, e.g. RoBERTa's classification head.)"""
         setattr(parent, child_name, new_module)
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s). On a merged model this switches what is merged: the merged adapters' columns are
+        restored by copy and the new active adapters are merged in, |S| columns each and bit-exact in any number of
+        switches. (PEFT's LoRA unmerges here and leaves the model unmerged, with a warning.)"""
+        merged = [m for m in self.model.modules() if isinstance(m, S2FTTunerLayer) and m.merged]
+        for layer in merged:
+            layer.unmerge()
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if merged:
+            self.merge_adapter()
+
     def delete_adapter(self, adapter_name: str) -> None:
         if getattr(self.peft_config.get(adapter_name), "permute", False):
             permutation.unpermute_model(self.model)
@@ -369,11 +390,22 @@ class S2FTModel(BaseTuner):
         with mixed_batch_hooks(self, adapter_names, kwargs.get("num_beams")):
             yield
 
-    def add_weighted_adapter(self, *args, **kwargs):
-        raise NotImplementedError(
-            "peft_s2ft does not implement add_weighted_adapter yet. To combine S2FT adapters, activate several at "
-            "once (`model.base_model.set_adapter([name_a, name_b])` sums their deltas) or merge them together "
-            "(`model.merge_adapter([name_a, name_b])`)."
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Fuse S2FT adapters into a new adapter `adapter_name` (PEFT's signature; see fusion.py).
+
+        "linear" is the exact weighted sum of the adapters' deltas on the union of their selections; "ties",
+        "dare_linear", "dare_ties" and "magnitude_prune" (with `density`) combine the columns adapters share.
+        """
+        fusion.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, density, majority_sign_method
         )
 
     # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 
 from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
 from .config import S2FTConfig
+from .overlap import Units
 
 
 @dataclass(frozen=True)
@@ -117,20 +118,30 @@ def select_units(
     ffn: list[Block],
     weights: dict[str, torch.Tensor],
     experts: list[ExpertsBlock] = (),
+    taken: Units | None = None,
 ) -> Selection:
     """Choose heads and channels for the adapted blocks.
 
     `weights` maps each block's key to its output (O / down) projection's weight as (out, in), which both the
     budget (parameters per unit) and weight-based strategies read; for an experts block, its fused `down_proj`.
     Every expert counts as an FFN of its own: with the uniform allocation each expert trains as many channels as
-    each dense FFN.
+    each dense FFN. Units in `taken` (other adapters' selections, `S2FTConfig.disjoint_from`) are never chosen.
     """
+    taken = taken or Units()
     budget = config.trainable_ratio * count_parameters(model)
     attention_budget = budget * config.attention_share
     heads = _select_kind(
-        config, attention, weights, attention_budget, config.heads_per_layer, config.head_ratio, "heads_per_layer", 0
+        config,
+        attention,
+        weights,
+        attention_budget,
+        config.heads_per_layer,
+        config.head_ratio,
+        "heads_per_layer",
+        0,
+        taken,
     )
-    channels, expert_channels = _select_ffn(config, ffn, experts, weights, budget - attention_budget)
+    channels, expert_channels = _select_ffn(config, ffn, experts, weights, budget - attention_budget, taken)
     return Selection(heads, channels, expert_channels)
 
 
@@ -140,11 +151,20 @@ def _select_ffn(
     experts: list[ExpertsBlock],
     weights: dict[str, torch.Tensor],
     budget: float,
+    taken: Units,
 ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Dense FFN channels, and the channels of every expert (the same count per expert)."""
     if not experts:
         channels = _select_kind(
-            config, ffn, weights, budget, config.channels_per_layer, config.channel_ratio, "channels_per_layer", 1
+            config,
+            ffn,
+            weights,
+            budget,
+            config.channels_per_layer,
+            config.channel_ratio,
+            "channels_per_layer",
+            1,
+            taken,
         )
         return channels, {}
     if config.allocation != "uniform":
@@ -165,7 +185,7 @@ def _select_ffn(
         "channels",
         total_units=0,
     )
-    channels = _select_kind(config, ffn, weights, budget, count, None, "channels_per_layer", 1) if ffn else {}
+    channels = _select_kind(config, ffn, weights, budget, count, None, "channels_per_layer", 1, taken) if ffn else {}
     generator = torch.Generator().manual_seed(config.seed + 2)
     expert_channels = {}
     for block in experts:
@@ -175,6 +195,10 @@ def _select_ffn(
             down = weights[block.key].detach().float()  # [E, H, I], or [E, I, H] where stored transposed
             norms = down.norm(dim=2 if block.transposed else 1).cpu()
             scores = norms if config.selection == "weight_large" else -norms
+        if block.key in taken.experts:
+            mask = taken.experts[block.key]
+            _check_free(count, int((~mask).sum(dim=1).min()), f"{block.key} (per expert)", "channels", config)
+            scores = scores.masked_fill(mask, float("-inf"))
         top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :count]
         expert_channels[block.key] = top.sort(dim=1).values
     return channels, expert_channels
@@ -189,6 +213,7 @@ def _select_kind(
     ratio: float | None,
     count_field: str,
     seed_offset: int,
+    taken: Units,
 ) -> dict[str, list[int]]:
     """One kind of unit (heads or channels) over its blocks: how many, then which."""
     if not blocks:
@@ -212,8 +237,35 @@ def _select_kind(
         _unit_scores(config.selection, generator, b, None if config.selection == "random" else weights[b.key])
         for b in blocks
     ]
+    scores = [
+        _without_taken(b, block_scores, taken, count, config) for b, block_scores in zip(blocks, scores, strict=True)
+    ]
+    if config.allocation == "global":
+        free = sum(b.num_units - len(taken.blocks.get(b.key, ())) for b in blocks)
+        _check_free(count, free, f"{len(blocks)} adapted layers", blocks[0].unit_name, config)
     counts = [count] * len(blocks) if config.allocation == "uniform" else _global_counts(scores, count)
     # Permute mode fills whole K/V groups first, so the selected heads can be made contiguous.
     group_sizes = [b.group_size if config.permute else 1 for b in blocks]
     picked = _pick(scores, counts, group_sizes)
     return {b.key: sel for b, sel in zip(blocks, picked, strict=True) if sel}
+
+
+def _without_taken(block: Block, scores: torch.Tensor, taken: Units, count: int, config: S2FTConfig) -> torch.Tensor:
+    """Scores with other adapters' units ruled out (they sort last and are never among the chosen)."""
+    units = taken.blocks.get(block.key)
+    if not units:
+        return scores
+    if config.allocation == "uniform":
+        _check_free(count, block.num_units - len(units), block.key, block.unit_name, config)
+    mask = torch.zeros(block.num_units, dtype=torch.bool)
+    mask[list(units)] = True
+    return scores.masked_fill(mask, float("-inf"))
+
+
+def _check_free(count: int, free: int, where: str, unit_name: str, config: S2FTConfig) -> None:
+    if count > free:
+        raise ValueError(
+            f"S2FTConfig.disjoint_from={config.disjoint_from} leaves {free} {unit_name} free in {where}, but this "
+            f"adapter needs {count}: lower its budget (trainable_ratio, heads_per_layer / channels_per_layer) or "
+            "avoid fewer adapters."
+        )

@@ -66,12 +66,6 @@ def test_only_the_row_projection_trains_what_the_user_asked(load, input_ids, tar
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_add_weighted_adapter_says_it_is_not_implemented(load):
-    model = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM"))
-    with pytest.raises(NotImplementedError, match="does not implement add_weighted_adapter"):
-        model.add_weighted_adapter(["default"], [1.0], "fused")
-
-
 @pytest.mark.parametrize("permute", [False, True])
 def test_an_unfrozen_base_weight_gets_its_gradient(load, input_ids, permute):
     model = get_peft_model(load("llama-mha"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, permute=permute))
