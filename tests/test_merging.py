@@ -72,3 +72,34 @@ def test_switching_merged_adapters_restores_the_base_bit_for_bit(load, input_ids
             torch.testing.assert_close(model(input_ids).logits, expected[name], atol=1e-5, rtol=1e-5)
             model.unmerge_adapter()
             _assert_bit_identical(model, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_set_adapter_on_a_merged_model_switches_what_is_merged(load, input_ids, dtype, recwarn):
+    model = get_peft_model(
+        load("llama-gqa", dtype=dtype),
+        S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=0),
+        autocast_adapter_dtype=False,
+    )
+    model.add_adapter("other", S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=1, layers_to_transform=[1]))
+    weights = _base_weights(model)
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = model(input_ids).logits
+    model.set_adapter("default")
+    model.merge_adapter()
+    merged_states = {}
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}
+    for _ in range(CYCLES):
+        for name in ("other", "default"):
+            model.set_adapter(name)
+            layers = [m for m in model.modules() if hasattr(m, "merged_adapters") and name in m.s2ft_delta]
+            assert layers and all(m.merged_adapters == [name] for m in layers)
+            merged_states.setdefault(name, {k: p.detach().clone() for k, p in model.named_parameters()})
+            for key, param in model.named_parameters():  # every switch writes the same bits
+                assert torch.equal(param, merged_states[name][key]), key
+            torch.testing.assert_close(model(input_ids).logits, expected[name], **tolerance)
+    model.unmerge_adapter()
+    _assert_bit_identical(model, weights)
+    assert not [w for w in recwarn if "merged" in str(w.message).lower()]
