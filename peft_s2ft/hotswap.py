@@ -522,7 +522,8 @@ def prepare_model_for_compiled_hotswap(
 
     Refused before anything changes: a compiled model (prepare first, then compile), permute mode, a merged
     adapter, an unknown adapter, nothing to do (neither `adapters` nor `target_size`), and any file a swap would
-    refuse. `kwargs` of the hub are not taken here: pass local folders or public hub ids.
+    refuse. Hub ids are read with the default download settings (a token from `hf auth login` or HF_TOKEN).
+    The padded adapter saves and reloads as an ordinary adapter; a gradient of a resized delta is dropped.
     """
     if _is_compiled(model):
         raise ValueError(
@@ -560,3 +561,6 @@ def prepare_model_for_compiled_hotswap(
     reference = next(iter(layers.values()))
     for path, axis, indices in add:
         _add_zero_layer(root, path, axis, indices, adapter_name, reference)
+
+
+__all__ = ["KEPT_CONFIG_FIELDS", "hotswap_adapter", "prepare_model_for_compiled_hotswap"]

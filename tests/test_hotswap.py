@@ -464,3 +464,31 @@ def test_prepare_refuses_merged_adapters_empty_calls_and_bad_files(load, tmp_pat
     with pytest.raises(ValueError, match="merged into the base weights"):
         prepare_model_for_compiled_hotswap(model, [good])
     assert_same_snapshot(merged, model_snapshot(model))
+
+
+def test_a_swap_into_an_adapter_injected_by_transformers(load, input_ids, tmp_path):
+    first = _save(load, tmp_path / "first", **FIRST)
+    new = _save(load, tmp_path / "new", **FITTING["fewer units"])
+    model = load()
+    model.load_adapter(str(first), adapter_name="served")
+    tensors = _adapter_tensors(model)
+    hotswap_adapter(model, new, adapter_name="served", torch_device="cpu")
+    torch.testing.assert_close(_logits(model, input_ids), _reference(load, new, input_ids), atol=1e-6, rtol=0)
+    assert _adapter_tensors(model) == tensors
+
+
+def test_prepare_adds_the_adapter_to_a_layer_of_another_adapter_leaving_that_one_as_it_was(load, input_ids, tmp_path):
+    model = PeftModel.from_pretrained(load(), _save(load, tmp_path / "first", seed=0, layers_to_transform=[0]))
+    model.load_adapter(_save(load, tmp_path / "other", seed=1, layers_to_transform=[1]), adapter_name="other")
+    other = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters() if n.endswith(".other")}
+    layer_1 = _save(load, tmp_path / "layer-1", seed=2, heads_per_layer=2, layers_to_transform=[1])
+    before = _logits(model, input_ids)
+    prepare_model_for_compiled_hotswap(model, adapters=[layer_1])
+    assert torch.equal(_logits(model, input_ids), before)
+    shared = [m for m in model.modules() if isinstance(m, S2FTLayer) and {"default", "other"} <= set(m.s2ft_delta)]
+    assert len(shared) == 2 and all(m.active_adapters == ["default"] for m in shared)
+    for name, param in model.named_parameters():
+        if name.endswith(".other"):
+            assert (param.requires_grad, True) == (other[name][0], torch.equal(param, other[name][1])), name
+    hotswap_adapter(model, layer_1)
+    torch.testing.assert_close(_logits(model, input_ids), _reference(load, layer_1, input_ids), atol=1e-6, rtol=0)
