@@ -4,6 +4,7 @@ from .architectures import SUPPORTED_MODEL_TYPES
 from .config import S2FTConfig
 from .experts import S2FTExpertsLayer
 from .export import export_lora
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .layer import S2FTLayer
 from .model import S2FTModel
 from .overlap import selection_overlap
@@ -20,6 +21,8 @@ __all__ = [
     "S2FTModel",
     "S2FTPeftType",
     "export_lora",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "register",
     "selection_overlap",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .linear_like import features, is_linear_like, logical_weight
 from .mixed_batch import GROUPS_KWARG, RowGroups, add_rows_contribution
-from .partial_backprop import COLUMNS, ROWS, SparseDeltaLinear
+from .partial_backprop import COLUMNS, ROWS, sparse_delta_linear
 
 
 class S2FTTunerLayer(nn.Module, BaseTunerLayer):
@@ -277,7 +277,7 @@ class S2FTLayer(S2FTTunerLayer):
         spec = tuple((self.axis, self.block_range) for _ in active)
         deltas = [self.s2ft_delta[name] for name in active]
         indices = [] if self.block_range is not None else [self.s2ft_indices[name] for name in active]
-        return SparseDeltaLinear.apply(x, logical_weight(base), base.bias, spec, *deltas, *indices)
+        return sparse_delta_linear(x, logical_weight(base), base.bias, spec, *deltas, *indices)
 
     def _mixed_batch_forward(self, x: torch.Tensor, groups: RowGroups, *args, **kwargs) -> torch.Tensor:
         """The frozen matmul once for the whole batch, then each adapter's contribution on its rows only."""

@@ -58,6 +58,37 @@ def _add_product_to_columns(out: torch.Tensor, where: Range, index, a: torch.Ten
         out.index_add_(1, index, a @ b)
 
 
+def _delta_linear(x2: torch.Tensor, weight, bias, spec, deltas, indices, dtype) -> tuple[torch.Tensor, list]:
+    """The 2-D output and, per column delta, the input columns it read (None for row deltas)."""
+    out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+    selected_inputs = []
+    for (axis, where), index, delta in zip(spec, indices, deltas, strict=True):
+        if axis == COLUMNS:
+            selected = _columns(x2, where, index)
+            out.addmm_(selected, delta.to(dtype).t())
+            selected_inputs.append(selected)
+        else:
+            _add_product_to_columns(out, where, index, x2, delta.to(dtype).t())
+            selected_inputs.append(None)
+    return out, selected_inputs
+
+
+def sparse_delta_linear(x, weight, bias, spec, *tensors) -> torch.Tensor:
+    """`SparseDeltaLinear` where a gradient is needed; the same computation as plain operations where none is
+    (serving: no_grad, inference mode, frozen adapters), which also keeps `torch.compile(fullgraph=True)` to one
+    graph there (dynamo mis-binds a custom Function's non-tensor argument before *args when nothing needs a
+    gradient)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *tensors)):
+        return SparseDeltaLinear.apply(x, weight, bias, spec, *tensors)
+    count = len(spec)
+    dtype, autocast = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        deltas, indices = tensors[:count], _per_delta(spec, tensors[count:])
+        out, _ = _delta_linear(x2, weight, bias, spec, deltas, indices, dtype)
+    return _unflatten(out, x.shape)
+
+
 class SparseDeltaLinear(torch.autograd.Function):
     """y = F.linear(x, W, b) plus every delta's contribution; W is read, never written.
 
@@ -75,17 +106,16 @@ class SparseDeltaLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             # .to() returns the tensor itself when it already has the dtype: no copy on the common path.
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+            out, selected_inputs = _delta_linear(x2, weight, bias, spec, deltas, indices, dtype)
             saved_inputs = []
-            for (axis, where), index, delta, wants_grad in zip(spec, indices, deltas, wants_delta_grad, strict=True):
-                if axis == COLUMNS:
-                    selected = _columns(x2, where, index)
-                    out.addmm_(selected, delta.to(dtype).t())
+            for (axis, _), selected, wants_grad in zip(spec, selected_inputs, wants_delta_grad, strict=True):
+                if not wants_grad:
+                    saved_inputs.append(None)
+                elif axis == COLUMNS:
                     # A range is a view of x: keep a copy of just those columns, not all of x alive.
-                    saved_inputs.append(selected.contiguous() if wants_grad else None)
+                    saved_inputs.append(selected.contiguous())
                 else:
-                    _add_product_to_columns(out, where, index, x2, delta.to(dtype).t())
-                    saved_inputs.append(x2 if wants_grad else None)
+                    saved_inputs.append(x2)
         ctx.spec, ctx.x_shape, ctx.x_dtype, ctx.dtype = spec, x.shape, x.dtype, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.input_slots = [i for i, t in enumerate(saved_inputs) if t is not None]

@@ -257,12 +257,6 @@ def test_a_compiled_model_runs_the_swapped_adapter_without_recompiling(load, inp
         torch._dynamo.reset()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch 2.13's dynamo binds SparseDeltaLinear.forward(ctx, x, weight, bias, spec, *tensors) one argument "
-    "off when no input needs a gradient (a non-tensor argument before *varargs), so a frozen S2FT model does not "
-    "compile with fullgraph=True; partial_backprop.py / layer.py need a change (see the hot-swap report)",
-)
 def test_a_frozen_s2ft_model_compiles_to_one_graph(load, input_ids, tmp_path):
     model = PeftModel.from_pretrained(load(), _save(load, tmp_path / "first", **FIRST))  # inference mode: frozen
     torch._dynamo.reset()
