@@ -465,16 +465,22 @@ def _hotswap_step(model: nn.Module, hotswap: Callable[..., None], bench: Bench, 
     return timed(swap, bench.device)
 
 
+def _other(served: Served) -> str:
+    """The one of A and B that is not active: every switch step switches, whichever step ran before."""
+    return B if served.model.active_adapter == A else A
+
+
 def measure_switch(bench: Bench) -> dict[str, Any]:
     """Switching from adapter A to B and back, each switch checked once against B's unmerged logits:
 
     - merged: `unmerge_adapter(); set_adapter(next); merge_adapter()` on the model holding every adapter;
+    - merged_set_adapter (S2FT only): `set_adapter(next)` alone on that merged model, which S2FT switches merged;
     - hotswap: the file of the next adapter into the "default" adapter of a model loaded with A's (unmerged);
     - hotswap_merged (S2FT only; PEFT's LoRA hotswap refuses merged adapters): the same on a merged model.
     """
     import peft
 
-    section: dict[str, Any] = {"merged": {}, "hotswap": {}, "hotswap_merged": {}}
+    section: dict[str, Any] = {"merged": {}, "merged_set_adapter": {}, "hotswap": {}, "hotswap_merged": {}}
     references = {}
     steps: dict[str, Callable[[], float]] = {}
     keys: dict[str, tuple[str, str]] = {}
@@ -528,17 +534,36 @@ def measure_switch(bench: Bench) -> dict[str, Any]:
                 model.unmerge_adapter()
                 activate(served, A)
                 model.merge_adapter()
-            state = {"next": B}
 
-            def switch(served=served, state=state) -> None:
+            def switch(served=served) -> None:
                 with torch.no_grad():
                     served.model.unmerge_adapter()
-                    activate(served, state["next"])
+                    activate(served, _other(served))
                     served.model.merge_adapter()
-                state["next"] = B if state["next"] == A else A
 
             steps[f"{method} merged"] = timed(switch, bench.device)
             keys[f"{method} merged"] = ("merged", method)
+    # S2FT's set_adapter on a merged model switches what is merged (copy out, copy in) in one call; LoRA's
+    # unmerges and leaves the model unmerged.
+    with outcome(section["merged_set_adapter"], "s2ft") as entry:
+        served = bench.served["s2ft"]
+        if "check" not in section["merged"]["s2ft"]:
+            raise NotYet("the merged switch did not run")
+        with torch.no_grad():
+            activate(served, B)
+        entry["still_merged"] = all(m.merged for m in _adapted_modules(served.model, "s2ft_delta", B))
+        if not entry["still_merged"]:
+            raise NotYet("S2FT's set_adapter does not switch a merged model yet (it left it unmerged)")
+        entry["check"] = compare(logits(served.model, bench.check_ids), references["s2ft"], "s2ft set_adapter a -> b")
+        with torch.no_grad():
+            activate(served, A)
+
+        def set_merged(served=served) -> None:
+            with torch.no_grad():
+                activate(served, _other(served))
+
+        steps["s2ft merged set_adapter"] = timed(set_merged, bench.device)
+        keys["s2ft merged set_adapter"] = ("merged_set_adapter", "s2ft")
     times = interleave(steps, bench.args.repeats, "switch") if steps else {}
     for label, (kind, method) in keys.items():
         entry = section[kind][method]
@@ -550,7 +575,6 @@ def measure_switch(bench: Bench) -> dict[str, Any]:
                 served.model.unmerge_adapter()
             activate(served, A)
             section["merged"][method].update(_drift(served, snapshots[method]))
-            section["merged"][method]["merges"] = 4 + bench.args.repeats
     if "hotswap_merged" in hotswapped:
         model = hotswapped["hotswap_merged"]
         with torch.no_grad():
@@ -609,14 +633,29 @@ def measure_mixed(bench: Bench, counts: list[int]) -> dict[str, Any]:
                     steps[f"{method} decode"] = lambda m=model, rows=rows: decode_steps(
                         m, bench.ids, bench.args.decode_tokens, bench.device, adapter_names=rows
                     )
+        if steps:
+            # The base model on the same batch, without adapters: no method's mixed batch can be faster.
+            steps["base prefill"] = timed(lambda: prefill(bench.base, bench.ids), bench.device)
+            if bench.args.decode_tokens:
+                steps["base decode"] = lambda: decode_steps(
+                    bench.base, bench.ids, bench.args.decode_tokens, bench.device
+                )
+            entries["base"] = {}
         times = interleave(steps, bench.args.repeats, f"mixed k={k}") if steps else {}
-        for method in bench.served:
-            if f"{method} prefill" in times:
-                entries[method]["prefill"] = summary(times[f"{method} prefill"], rows_tokens)
-                if f"{method} decode" in times:
-                    entries[method]["decode"] = summary(times[f"{method} decode"], decode_tokens)
-        entries["prefill_ratio"] = _phase_ratio(entries, "prefill")
-        entries["decode_ratio"] = _phase_ratio(entries, "decode")
+        for name in ("base", *bench.served):
+            for phase, work in (("prefill", rows_tokens), ("decode", decode_tokens)):
+                if f"{name} {phase}" in times:
+                    entries[name][phase] = summary(times[f"{name} {phase}"], work)
+        for phase in ("prefill", "decode"):
+            base = _get(entries, "base", phase, "median_s")
+            for method in bench.served:
+                mine = _get(entries, method, phase)
+                if base and mine:
+                    mine["overhead"] = mine["median_s"] / base - 1.0
+            entries[f"{phase}_ratio"] = _phase_ratio(entries, phase)
+            lora = _get(entries, "lora", phase, "median_s")
+            # The lowest S2FT / LoRA any method can reach here: the base model's own time over LoRA's.
+            entries[f"{phase}_floor"] = base / lora if base and lora else None
         section[str(k)] = entries
     return section
 
@@ -828,6 +867,7 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
             entries.get("prefill_ratio"),
             lambda v: v <= MIXED_TARGET,
         ))  # fmt: skip
+        found[-1]["floor"] = entries.get("prefill_floor")  # base / LoRA: no method can go below it
     if "unmerged" in record:
         for phase in ("prefill", "decode"):
             found.append(target(
@@ -971,9 +1011,10 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     if switched:
         out += ["", "### Switching adapters (ms, median)", ""]
         out += [
-            "| model | hidden | S2FT merged | LoRA merged | LoRA / S2FT | S2FT hotswap | LoRA hotswap "
-            "| S2FT hotswap, merged | S2FT merged restores bit for bit | LoRA weight drift after the switches |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| model | hidden | S2FT merged | LoRA merged | LoRA / S2FT | S2FT merged, set_adapter only | S2FT hotswap "
+            "| LoRA hotswap | S2FT hotswap, merged | S2FT merged restores bit for bit | LoRA weight drift after the "
+            "switches |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in switched:
             sw = r["switch"]
@@ -981,7 +1022,8 @@ def format_tables(records: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {_label(r)} | {r['shape']['hidden_size']} | {_cell(merged.get('s2ft'))} "
                 f"| {_cell(merged.get('lora'))} | {_num(sw.get('merged_speedup'), '.1f', 'x')} "
-                f"| {_cell(hot.get('s2ft'))} | {_cell(hot.get('lora'))} | {_cell(hot_merged.get('s2ft'))} "
+                f"| {_cell(sw.get('merged_set_adapter', {}).get('s2ft'))} | {_cell(hot.get('s2ft'))} "
+                f"| {_cell(hot.get('lora'))} | {_cell(hot_merged.get('s2ft'))} "
                 f"| {_get(merged, 's2ft', 'restored_bit_exact')} "
                 f"| {_num(_get(merged, 'lora', 'max_weight_drift'), '.2g')} |"
             )
@@ -990,19 +1032,22 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     if mixed:
         out += ["", "### Mixed-adapter batches (rows round-robin over k adapters)", ""]
         out += [
-            "| model | k | S2FT prefill ms | LoRA prefill ms | S2FT / LoRA | S2FT prefill tok/s | LoRA prefill tok/s "
-            "| S2FT decode ms | LoRA decode ms | S2FT / LoRA (decode) | max abs diff vs per-row (S2FT, LoRA) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | k | base prefill ms | S2FT prefill ms | LoRA prefill ms | S2FT / LoRA (floor) "
+            "| S2FT prefill tok/s | LoRA prefill tok/s | base decode ms | S2FT decode ms | LoRA decode ms "
+            "| S2FT / LoRA decode (floor) | max abs diff vs per-row (S2FT, LoRA) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in mixed:
             for k, e in r["mixed"].items():
                 s2ft, lora = e.get("s2ft"), e.get("lora")
                 diffs = ", ".join(_num(_get(x, "check", "max_abs_diff"), ".1e") for x in (s2ft, lora))
                 out.append(
-                    f"| {_label(r)} | {k} | {_cell(s2ft, 'prefill')} | {_cell(lora, 'prefill')} "
-                    f"| {_num(e.get('prefill_ratio'))} | {_num(_get(s2ft, 'prefill', 'tokens_per_s'), '.0f')} "
-                    f"| {_num(_get(lora, 'prefill', 'tokens_per_s'), '.0f')} | {_cell(s2ft, 'decode')} "
-                    f"| {_cell(lora, 'decode')} | {_num(e.get('decode_ratio'))} | {diffs} |"
+                    f"| {_label(r)} | {k} | {_ms(e, 'base', 'prefill')} | {_cell(s2ft, 'prefill')} "
+                    f"| {_cell(lora, 'prefill')} | {_num(e.get('prefill_ratio'))} ({_num(e.get('prefill_floor'))}) "
+                    f"| {_num(_get(s2ft, 'prefill', 'tokens_per_s'), '.0f')} "
+                    f"| {_num(_get(lora, 'prefill', 'tokens_per_s'), '.0f')} | {_ms(e, 'base', 'decode')} "
+                    f"| {_cell(s2ft, 'decode')} | {_cell(lora, 'decode')} "
+                    f"| {_num(e.get('decode_ratio'))} ({_num(e.get('decode_floor'))}) | {diffs} |"
                 )
                 notes += _notes(_label(r), f"mixed k={k}", e)
     unmerged = [r for r in records if "unmerged" in r]
@@ -1056,11 +1101,14 @@ def format_tables(records: list[dict[str, Any]]) -> str:
                     f"| {_num(e['export_s'] * 1e3, '.3g')} |"
                 )
             notes += _notes(_label(r), "export", r["export"])
-    out += ["", "### Against the targets", "", "| model | target | value | met |", "|---|---|---|---|"]
+    out += ["", "### Against the targets", ""]
+    out += ["| model | target | value | floor (base / LoRA) | met |", "|---|---|---|---|---|"]
     for r in records:
         for t in r.get("targets", []):
             met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-            out.append(f"| {_label(r)} | {t['target']} | {_num(t['value'], '.3g')} | {met} |")
+            out.append(
+                f"| {_label(r)} | {t['target']} | {_num(t['value'], '.3g')} | {_num(t.get('floor'), '.3g')} | {met} |"
+            )
     if notes:
         out += ["", *sorted(dict.fromkeys(notes))]
     return "\n".join(out)
@@ -1072,7 +1120,7 @@ def _notes(model: str, where: str, section: dict[str, Any]) -> list[str]:
         if isinstance(entry, dict) and ("skipped" in entry or "failed" in entry):
             kind = "skipped" if "skipped" in entry else "failed"
             found.append(f"- {model}, {where}, {key} {kind}: {entry[kind]}")
-        elif isinstance(entry, dict) and key in ("merged", "hotswap", "hotswap_merged"):
+        elif isinstance(entry, dict) and key in ("merged", "merged_set_adapter", "hotswap", "hotswap_merged"):
             found += _notes(model, f"{where} {key}", entry)
     return found
 
@@ -1120,7 +1168,8 @@ def plot(records: list[dict[str, Any]], path: str | Path) -> None:
         value = _get(r, *keys, "median_s")
         return None if value is None else value * 1e3
 
-    switches = [("merged", m) for m in METHODS] + [("hotswap", m) for m in METHODS] + [("hotswap_merged", "s2ft")]
+    switches = [("merged", m) for m in METHODS] + [("merged_set_adapter", "s2ft")]
+    switches += [("hotswap", m) for m in METHODS] + [("hotswap_merged", "s2ft")]
     bars(axes[0], {
         f"{m} {kind.replace('_', ', ')}": [ms(r, "switch", kind, m) for r in records] for kind, m in switches
     }, "switch ms (log)", log=True)  # fmt: skip

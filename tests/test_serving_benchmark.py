@@ -83,6 +83,10 @@ def test_switches_are_checked_and_timed(run):
     # S2FT unmerges by copy: after every switch the base weights are back bit for bit.
     assert switch["merged"]["s2ft"]["restored_bit_exact"] and switch["merged"]["s2ft"]["max_weight_drift"] == 0.0
     assert switch["merged_speedup"] > 0
+    # S2FT's set_adapter alone switches a merged model (what is merged changes, bit-exact).
+    one_call = switch["merged_set_adapter"]["s2ft"]
+    if _timed_or_skipped(one_call, "s2ft merged set_adapter"):
+        assert one_call["still_merged"] and one_call["check"]["max_abs_diff"] <= one_call["check"]["tolerance"]
     assert _timed_or_skipped(switch["hotswap"]["lora"], "lora hotswap")
     for method in serving.METHODS:
         entry = switch["hotswap"][method]
@@ -112,8 +116,11 @@ def test_mixed_batches_agree_with_per_row_single_adapter_outputs(run):
                 assert entry[phase]["median_s"] > 0
                 tokens = entry[phase]["tokens_per_s"] * entry[phase]["median_s"]
                 assert tokens == pytest.approx(serving.QUICK["batch"] * steps)
-        if "check" in entries["s2ft"]:
-            assert entries["prefill_ratio"] > 0 and entries["decode_ratio"] > 0
+        for phase in ("prefill", "decode"):
+            assert entries["base"][phase]["median_s"] > 0 and entries[f"{phase}_floor"] > 0
+            assert "overhead" in entries["lora"][phase]
+            if "check" in entries["s2ft"]:
+                assert entries[f"{phase}_ratio"] > 0 and "overhead" in entries["s2ft"][phase]
 
 
 def test_unmerged_inference_against_the_base(run):
