@@ -1168,11 +1168,16 @@ def plot(records: list[dict[str, Any]], path: str | Path) -> None:
         value = _get(r, *keys, "median_s")
         return None if value is None else value * 1e3
 
-    switches = [("merged", m) for m in METHODS] + [("merged_set_adapter", "s2ft")]
-    switches += [("hotswap", m) for m in METHODS] + [("hotswap_merged", "s2ft")]
-    bars(axes[0], {
-        f"{m} {kind.replace('_', ', ')}": [ms(r, "switch", kind, m) for r in records] for kind, m in switches
-    }, "switch ms (log)", log=True)  # fmt: skip
+    switches = {
+        "s2ft merged": ("merged", "s2ft"),
+        "lora merged": ("merged", "lora"),
+        "s2ft merged, set_adapter": ("merged_set_adapter", "s2ft"),
+        "s2ft hotswap": ("hotswap", "s2ft"),
+        "lora hotswap": ("hotswap", "lora"),
+        "s2ft hotswap, merged": ("hotswap_merged", "s2ft"),
+    }
+    series = {label: [ms(r, "switch", kind, m) for r in records] for label, (kind, m) in switches.items()}
+    bars(axes[0], series, "switch ms (log)", log=True)
     counts = sorted({int(k) for r in records for k in r.get("mixed", {})})
     bars(axes[1], {
         f"k={k} {phase}": [_get(r, "mixed", str(k), f"{phase}_ratio") for r in records]
