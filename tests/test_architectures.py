@@ -326,3 +326,15 @@ def test_a_multimodal_wrapper_adapts_only_its_text_decoder():
     model = get_peft_model(Llama4ForConditionalGeneration(config).eval(), S2FTConfig(task_type="CAUSAL_LM"))
     adapted = [n for n, m in model.named_modules() if isinstance(m, (S2FTLayer, S2FTExpertsLayer))]
     assert adapted and all(".language_model." in n for n in adapted)
+
+
+@pytest.mark.parametrize("head_dim", [4, 16])
+def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, head_dim):
+    """The parts of a tensor's axis must tile it exactly: too few positions (head_dim 4 of 8) or positions past its
+    end (16) mean the description would permute or train the wrong columns."""
+    from peft_s2ft.architectures.discovery import UnsupportedModelError
+
+    model = load(build("llama", tmp_path), "llama")
+    model.config.head_dim = head_dim
+    with pytest.raises(UnsupportedModelError, match="does not fit"):
+        describe(model)

@@ -191,12 +191,14 @@ def _check_tiling(spans: list[Span], counts: dict[str, int], modules, family: Fa
         found = _lookup(modules, path)
         positions = torch.cat([span.positions(torch.arange(counts[span.unit])) for span in group])
         for size in _sizes_along(found, side, path):
-            if len(positions) != size or len(torch.unique(positions)) != size or int(positions.max()) >= size:
+            inside = positions[(positions >= 0) & (positions < size)]
+            covered = int((torch.bincount(inside, minlength=size) > 0).sum())
+            if len(positions) != size or len(inside) != size or covered != size:
                 shown = {k: symbols[k] for k in ("nH", "nKV", "hd", "vd") if k in symbols}
                 raise UnsupportedModelError(
                     f"S2FT's '{family.name}' description does not fit '{path}': its {side} axis has {size} positions, "
-                    f"but the described parts cover {len(torch.unique(positions))} of them (geometry from the config: "
-                    f"{shown}). The config and the weights disagree, or this variant of the family is not described."
+                    f"but the described parts cover {covered} of them (geometry from the config: {shown}). The "
+                    "config and the weights disagree, or this variant of the family is not described."
                 )
 
 
