@@ -73,7 +73,7 @@ def trained_roles(config: S2FTConfig, structure: ModelStructure) -> set[str]:
             "train_v / train_up. Leave target_modules unset, or list some of this model's "
             f"{', '.join(names_of_roles)}."
         )
-    shown = repr(targets) if isinstance(targets, str) else sorted(targets)
+    shown = repr(targets) if targets is None or isinstance(targets, str) else sorted(targets)
     if targets is None:
         named, explicit = config.default_roles(), config.default_roles()
     elif isinstance(targets, str):  # a regex over module paths, matched as PEFT matches it

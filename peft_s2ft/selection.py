@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
@@ -27,8 +28,18 @@ class Selection:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the model, counting tied weights once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Parameters of the base model, counting tied weights once and no adapter's own (PEFT layers' adapter tensors,
+    modules_to_save copies), so an adapter added to a model that already holds others gets the same budget."""
+    adapters: set[int] = set()
+    for module in model.modules():
+        containers = [getattr(module, name, None) for name in getattr(module, "adapter_layer_names", ())]
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            containers.append(getattr(module, "modules_to_save", None))
+        for container in containers:
+            if isinstance(container, nn.Module):
+                adapters |= {id(p) for p in container.parameters()}
+    unique = {id(p): p for p in model.parameters() if id(p) not in adapters}
+    return sum(p.numel() for p in unique.values())
 
 
 def _unit_scores(

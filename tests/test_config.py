@@ -86,3 +86,13 @@ def test_a_budget_larger_than_the_blocks_warns_and_trains_everything(load):
         model = get_peft_model(load("llama-gqa"), S2FTConfig(trainable_ratio=0.3))
     o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
     assert len(o_proj.s2ft_indices["default"]) == o_proj.in_features
+
+
+def test_an_added_adapter_gets_the_budget_it_gets_alone(load):
+    """The budget is a fraction of the base model's parameters: the first adapter's deltas must not enlarge it."""
+    alone = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM", trainable_ratio=0.3, seed=1))
+    shapes = {n: p.shape for n, p in alone.named_parameters() if "s2ft_delta" in n}
+    model = get_peft_model(load("llama-gqa"), S2FTConfig(task_type="CAUSAL_LM", trainable_ratio=0.3))
+    model.add_adapter("other", S2FTConfig(task_type="CAUSAL_LM", trainable_ratio=0.3, seed=1))
+    added = {n.replace(".other", ".default"): p.shape for n, p in model.named_parameters() if "s2ft_delta.other" in n}
+    assert added == shapes
