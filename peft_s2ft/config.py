@@ -105,7 +105,8 @@ class S2FTConfig(PeftConfig):
             "help": "Adapters whose selected heads and channels this adapter must not select: names of S2FT adapters "
             "already on the model, or folders / hub ids of saved S2FT adapters. Adapters with disjoint selections "
             "fuse without interfering (add_weighted_adapter adds them column by column). Only a fresh selection "
-            "reads it; loading an adapter follows its file."
+            "reads it, and it is not saved: the adapter file holds the selection it produced, and loading follows "
+            "the file without needing those adapters."
         },
     )
     train_v: bool = field(
@@ -290,10 +291,14 @@ class S2FTConfig(PeftConfig):
         os.makedirs(save_directory, exist_ok=True)
         remove_leftovers(os.path.join(save_directory, ".s2ft-config-*"))
         staging = tempfile.mkdtemp(prefix=".s2ft-config-", dir=save_directory)
+        # `disjoint_from` only steered the selection the file now holds; saved, it would send load paths that
+        # re-run the selection (transformers' load_adapter) after adapters that may be gone.
+        disjoint_from, self.disjoint_from = self.disjoint_from, None
         try:
             super().save_pretrained(staging, **kwargs)
             os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
         finally:
+            self.disjoint_from = disjoint_from
             for name in os.listdir(staging):
                 os.remove(os.path.join(staging, name))
             os.rmdir(staging)

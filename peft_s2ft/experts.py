@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layer import S2FTTunerLayer
-from .mixed_batch import GROUPS_KWARG, RowGroups
+from .mixed_batch import GROUPS_KWARG, RowGroups, current_groups
 from .partial_backprop import _compute_dtype
 
 ROUTED = "routed"  # forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
@@ -495,7 +495,7 @@ class S2FTExpertsLayer(S2FTTunerLayer):
         return tuple(values.get(name) for name in self._argument_names)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        groups = kwargs.pop(GROUPS_KWARG, None)
+        groups = kwargs.pop(GROUPS_KWARG, None) or current_groups()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

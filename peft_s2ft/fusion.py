@@ -128,8 +128,8 @@ def _check_request(tuner, adapters, weights, adapter_name, combination_type, den
             f"combination_type='{combination_type}' is not available for S2FT adapters{hint}; choose one of "
             f"{', '.join(COMBINATIONS)} (the SVD-based types of LoRA have no meaning for column deltas)."
         )
-    if combination_type != "linear" and (density is None or not 0 <= density <= 1):
-        raise ValueError(f"combination_type='{combination_type}' needs a `density` in [0, 1], got {density!r}.")
+    if combination_type != "linear" and (density is None or not 0 < density <= 1):
+        raise ValueError(f"combination_type='{combination_type}' needs a `density` in (0, 1], got {density!r}.")
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
     configs = [tuner.peft_config[a] for a in adapters]
@@ -145,10 +145,28 @@ def _check_request(tuner, adapters, weights, adapter_name, combination_type, den
         )
 
 
+# Budget fields that must agree with the union's targets when the saved config is read by a path that re-checks
+# it (transformers' load_adapter); where the sources differ they fall back to their defaults.
+_BUDGET_FIELDS = (
+    "trainable_ratio",
+    "attention_share",
+    "heads_per_layer",
+    "head_ratio",
+    "channels_per_layer",
+    "channel_ratio",
+)
+
+
 def _fused_config(configs: list[S2FTConfig], state_dict: dict[str, torch.Tensor]) -> S2FTConfig:
     config = copy.deepcopy(configs[0])
     config.init_weights = True
     config.disjoint_from = None
+    config.train_v = any(c.train_v for c in configs)
+    config.train_up = any(c.train_up for c in configs)
+    defaults = S2FTConfig()
+    for name in _BUDGET_FIELDS:
+        if any(getattr(c, name) != getattr(config, name) for c in configs):
+            setattr(config, name, getattr(defaults, name))
     if all(isinstance(c.target_modules, set) for c in configs):
         config.target_modules = set().union(*(c.target_modules for c in configs))
     if any(c.layers_to_transform != config.layers_to_transform for c in configs):
@@ -186,7 +204,10 @@ def add_weighted_adapter(
             union, fused = fuse_selected(indices, deltas, layer_weights, layer.dim, **options)
         state_dict[f"{CHECKPOINT_PREFIX}{path}.{INDICES}"] = union
         state_dict[f"{CHECKPOINT_PREFIX}{path}.{DELTA}"] = fused
-        values[path] = (fused, layer.s2ft_delta[present[0]].dtype)
+        dtype = layer.s2ft_delta[present[0]].dtype
+        for name in present[1:]:  # the widest of the sources' dtypes: no source is rounded to a narrower one
+            dtype = torch.promote_types(dtype, layer.s2ft_delta[name].dtype)
+        values[path] = (fused, dtype)
     tuner.peft_config[adapter_name] = _fused_config([tuner.peft_config[a] for a in adapters], state_dict)
     try:
         tuner.inject_adapter(tuner.model, adapter_name)

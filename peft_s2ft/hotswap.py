@@ -497,6 +497,8 @@ def _add_zero_layer(
     layer = attach_planned(root.get_submodule(parent_path), child, adapter_name, axis, indices, init_weights=True)
     layer.set_adapter(reference.active_adapters)
     layer._disable_adapters = reference._disable_adapters
+    if hasattr(reference, "_model_peft_config"):  # what the tuner records on every layer (convert_to_lora reads it)
+        layer._model_peft_config = reference._model_peft_config
     model_delta = reference.s2ft_delta[adapter_name]
     delta = layer.s2ft_delta[adapter_name]
     delta.data = delta.data.to(dtype=model_delta.dtype)

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .linear_like import features, is_linear_like, logical_weight
-from .mixed_batch import GROUPS_KWARG, RowGroups, add_rows_contribution
+from .mixed_batch import GROUPS_KWARG, RowGroups, add_rows_contribution, current_groups
 from .partial_backprop import COLUMNS, ROWS, sparse_delta_linear
 
 
@@ -256,7 +256,7 @@ class S2FTLayer(S2FTTunerLayer):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        groups = kwargs.pop(GROUPS_KWARG, None)
+        groups = kwargs.pop(GROUPS_KWARG, None) or current_groups()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -1,8 +1,10 @@
 """Mixed-adapter batches: `peft_model(**batch, adapter_names=[...])`, one adapter (or "__base__") per row.
 
 PEFT routes the argument through the tuner's `_enable_peft_forward_hooks`; the rows of each adapter are grouped
-once per forward (`RowGroups`) and handed to every S2FT layer by a forward pre-hook. A layer then computes the
-frozen matmul once for the whole batch and adds each adapter's contribution on its rows only:
+once per forward (`RowGroups`) and set in a context variable for the duration of the call, which every S2FT layer
+reads (so calls in other threads, which have their own context, never see them; modules_to_save wrappers get the
+names by a pre-hook that reads the same variable). A layer then computes the frozen matmul once for the whole batch
+and adds each adapter's contribution on its rows only:
 
     column delta D on columns S:  y[rows]        += x[rows][..., S] D^T
     row delta D on rows R:        y[rows][..., R] += x[rows] D^T
@@ -13,8 +15,9 @@ Inference only: the call is refused while training or merged, where a per-row ad
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 from collections.abc import Iterator, Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +68,9 @@ class RowGroups:
         if x.ndim == 2 and leading % self.batch_size == 0:
             return self.rows(x.device, leading // self.batch_size)
         raise ValueError(
-            f"`adapter_names` has {self.batch_size} entries but the batch reaching {where} has {leading} rows: pass "
-            "one adapter name per input row (beam search repeats each name per beam by itself)."
+            f"`adapter_names` has {self.batch_size} entries (after repeating each name per beam or returned sequence) "
+            f"but the batch reaching {where} has {leading} rows: pass one adapter name per input row, and pass "
+            "num_beams / num_return_sequences to generate() explicitly, not only through a generation config."
         )
 
 
@@ -95,8 +99,30 @@ def add_rows_contribution(
     )
 
 
-def _inject(module: nn.Module, args, kwargs, name: str, value):
-    kwargs[name] = value
+_CURRENT: contextvars.ContextVar[RowGroups | None] = contextvars.ContextVar("s2ft_row_groups", default=None)
+# Mixed-batch calls running in any thread. While there are none, layers do not look at the context variable at all,
+# which torch.compile cannot trace (a compiled model serves one adapter set per call).
+_active_calls = 0
+_active_lock = threading.Lock()
+
+
+def current_groups() -> RowGroups | None:
+    """The row groups of the mixed-batch call running in this thread, if any."""
+    if _active_calls == 0:
+        return None
+    return _CURRENT.get()
+
+
+def _count_call(change: int) -> None:
+    global _active_calls
+    with _active_lock:
+        _active_calls += change
+
+
+def _inject_names(module: nn.Module, args, kwargs):
+    groups = _CURRENT.get()
+    if groups is not None:
+        kwargs["adapter_names"] = groups.adapter_names
     return args, kwargs
 
 
@@ -130,30 +156,61 @@ def _checked_names(tuner: nn.Module, adapter_names) -> list[str]:
     return list(adapter_names)
 
 
-@contextlib.contextmanager
-def mixed_batch_hooks(tuner: nn.Module, adapter_names, num_beams=None) -> Iterator[None]:
-    """Give every S2FT layer the row groups (and every modules_to_save wrapper the per-row names) for one call;
-    the hooks are removed however the call ends."""
-    from .layer import S2FTTunerLayer
+def _check_model_input(module: nn.Module, args, kwargs) -> None:
+    """On the transformers model's own forward (every generation step too): one name per row of its input, checked
+    before a layer that sees tokens flattened (OPT, routed experts) could only guess the rows."""
+    groups = _CURRENT.get()
+    rows = _batch_size(args, kwargs)
+    if groups is not None and rows is not None and rows != groups.batch_size:
+        raise ValueError(
+            f"`adapter_names` has {groups.batch_size} entries (after repeating each name per beam or returned "
+            f"sequence) but the model's input has {rows} rows: pass one adapter name per input row, and pass "
+            "num_beams / num_return_sequences to generate() explicitly, not only through a generation config."
+        )
 
+
+def _expansion(kwargs: dict) -> int:
+    """How many rows `generate` makes of each input row: beams, or returned sequences when sampling."""
+    config = kwargs.get("generation_config")
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(int(beams), int(returned))
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return value.shape[0]
+    return None
+
+
+@contextlib.contextmanager
+def mixed_batch_hooks(tuner: nn.Module, adapter_names, args: tuple = (), kwargs: dict | None = None) -> Iterator[None]:
+    """Make the row groups of one call visible to every S2FT layer (and the per-row names to every modules_to_save
+    wrapper) in this thread; everything is undone however the call ends."""
+    kwargs = kwargs or {}
     names = _checked_names(tuner, adapter_names)
-    if isinstance(num_beams, int) and num_beams > 1:
-        names = [n for n in names for _ in range(num_beams)]
-    groups = RowGroups(names)
+    rows = _batch_size(args, kwargs)
+    if rows is not None and rows != len(names):
+        raise ValueError(
+            f"`adapter_names` has {len(names)} entries but the input has {rows} rows: pass one adapter name per row."
+        )
+    repeat = _expansion(kwargs)
+    groups = RowGroups([n for n in names for _ in range(repeat)])
+    token = _CURRENT.set(groups)
+    _count_call(+1)
     handles = []
     try:
+        handles.append(tuner.model.register_forward_pre_hook(_check_model_input, with_kwargs=True))
         for module in tuner.modules():
-            if isinstance(module, S2FTTunerLayer):
-                hook = partial(_inject, name=GROUPS_KWARG, value=groups)
-            elif isinstance(module, AuxiliaryTrainingWrapper):
-                hook = partial(_inject, name="adapter_names", value=names)
-            else:
-                continue
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                handles.append(module.register_forward_pre_hook(_inject_names, with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        _count_call(-1)
+        _CURRENT.reset(token)
 
 
-__all__ = ["BASE", "GROUPS_KWARG", "RowGroups", "add_rows_contribution", "mixed_batch_hooks"]
+__all__ = ["BASE", "GROUPS_KWARG", "RowGroups", "add_rows_contribution", "current_groups", "mixed_batch_hooks"]

@@ -28,7 +28,7 @@ from .architectures.discovery import base_layer_of
 from .config import S2FTConfig
 from .layer import S2FTTunerLayer
 from .linear_like import logical_weight
-from .mixed_batch import mixed_batch_hooks
+from .mixed_batch import BASE, mixed_batch_hooks
 from .overlap import units_of
 from .peft_type import PREFIX
 from .selection import select_units
@@ -158,6 +158,8 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
             "selection='random'."
         )
     taken = units_of(model, config.disjoint_from, structure) if config.disjoint_from else None
+    if taken is not None and config.train_v:
+        taken = taken.with_whole_kv_groups(structure)
     selection = select_units(config, model, attention, ffn, weights, experts, taken)
 
     plan: Plan = {}
@@ -247,6 +249,11 @@ class S2FTModel(BaseTuner):
                 "adapter per model. Use permute=False (the default) to combine several adapters."
             )
         checkpoint.refuse_module_like_adapter_names(self.peft_config, self.model)
+        if BASE in self.peft_config:
+            raise ValueError(
+                f"'{BASE}' is reserved: in mixed-adapter batches it names the rows that use no adapter. Choose another "
+                "adapter name."
+            )
 
     def _plan(self, model: nn.Module, config: S2FTConfig) -> Plan:
         """The file's selection when the config came from an adapter folder, else a fresh selection."""
@@ -366,6 +373,10 @@ class S2FTModel(BaseTuner):
         """Activate adapter(s). On a merged model this switches what is merged: the merged adapters' columns are
         restored by copy and the new active adapters are merged in, |S| columns each and bit-exact in any number of
         switches. (PEFT's LoRA unmerges here and leaves the model unmerged, with a warning.)"""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {', '.join(unknown)} not found; the model has {', '.join(self.peft_config)}.")
         merged = [m for m in self.model.modules() if isinstance(m, S2FTTunerLayer) and m.merged]
         for layer in merged:
             layer.unmerge()
@@ -387,7 +398,7 @@ class S2FTModel(BaseTuner):
         if adapter_names is None:
             yield
             return
-        with mixed_batch_hooks(self, adapter_names, kwargs.get("num_beams")):
+        with mixed_batch_hooks(self, adapter_names, args, kwargs):
             yield
 
     def add_weighted_adapter(

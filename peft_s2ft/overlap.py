@@ -71,6 +71,17 @@ class Units:
     blocks: dict[str, set[int]] = field(default_factory=dict)
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def with_whole_kv_groups(self, structure: ModelStructure) -> Units:
+        """The units an adapter that trains value rows must avoid: every head of a K/V group that holds a taken
+        head (its value rows feed them all)."""
+        widened = Units({k: set(v) for k, v in self.blocks.items()}, dict(self.experts))
+        for block in structure.attention:
+            heads = widened.blocks.get(block.key)
+            if heads:
+                size = block.group_size
+                widened.blocks[block.key] = {g * size + i for g in {h // size for h in heads} for i in range(size)}
+        return widened
+
     def add(self, other: Units) -> None:
         for key, units in other.blocks.items():
             self.blocks.setdefault(key, set()).update(units)

@@ -111,6 +111,7 @@ def _pick(scores: list[torch.Tensor], counts: list[int], group_sizes: list[int])
             group_order = torch.argsort(grouped.max(dim=1).values, descending=True, stable=True)
             within = torch.argsort(grouped, dim=1, descending=True, stable=True)
             order = (group_order[:, None] * group_size + within[group_order]).reshape(-1)
+        order = order[block_scores[order] > float("-inf")]  # other adapters' units (disjoint_from), never picked
         picked.append(sorted(order[:count].tolist()))
     return picked
 

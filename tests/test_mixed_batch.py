@@ -156,7 +156,7 @@ def _pre_hooks(model: nn.Module) -> int:
         (lambda m: m.merge_adapter(["a"]), ["a", "b"], ValueError, "merged"),
         (lambda m: None, ["a", "typo"], ValueError, "non-existing adapter"),
         (lambda m: None, "a", TypeError, "one adapter name"),
-        (lambda m: None, ["a", "b", "a"], ValueError, "3 entries but the batch"),
+        (lambda m: None, ["a", "b", "a"], ValueError, "3 entries"),
     ],
 )
 def test_refusals_are_clear_and_leave_no_hooks_behind(load, prepare, names, error, match):
