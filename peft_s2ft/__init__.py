@@ -1,6 +1,7 @@
 """S2FT (structured sparse fine-tuning) as a PEFT tuner. Importing this package registers it."""
 
 from .architectures import SUPPORTED_MODEL_TYPES
+from .calibration import CalibrationScores, calibrate_selection
 from .config import S2FTConfig
 from .experts import S2FTExpertsLayer
 from .export import export_lora
@@ -15,11 +16,13 @@ register()
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "CalibrationScores",
     "S2FTConfig",
     "S2FTExpertsLayer",
     "S2FTLayer",
     "S2FTModel",
     "S2FTPeftType",
+    "calibrate_selection",
     "export_lora",
     "hotswap_adapter",
     "prepare_model_for_compiled_hotswap",

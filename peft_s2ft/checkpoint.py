@@ -531,9 +531,24 @@ class LoadAdapterBridge:
     def __init__(self, adapter_name: str, requires_grad: dict[int, bool]) -> None:
         self.adapter_name = adapter_name
         self.requires_grad = requires_grad
+        self.refusal = None
 
     def install(self, model: nn.Module) -> None:
         model.__dict__["_load_pretrained_model"] = self
+
+    def refuse_forwards_until_loaded(self, model: nn.Module, strategy: str) -> None:
+        """The injected selection is a stand-in for the file's (a calibrated strategy cannot be re-run without its
+        data): no forward runs on it until the file is loaded."""
+
+        def refuse(module, args, kwargs):
+            raise RuntimeError(
+                f"The S2FT adapter '{self.adapter_name}' (selection='{strategy}', chosen on calibration data) takes "
+                "its heads and channels from its adapter file, which is not loaded yet. Load it with "
+                "model.load_adapter(path) or PeftModel.from_pretrained(model, path); to train a new adapter, call "
+                "peft_s2ft.calibrate_selection(model, config, batches) first."
+            )
+
+        self.refusal = model.register_forward_pre_hook(refuse, with_kwargs=True)
 
     def __call__(self, model, state_dict, checkpoint_files, load_config, expected_keys=None):
         if model.__dict__.get("_load_pretrained_model") is self:
@@ -542,6 +557,13 @@ class LoadAdapterBridge:
         marker = f".{DELTA}.{self.adapter_name}"
         if not any(key.endswith(marker) for key in expected_keys or ()):
             return load(model, state_dict, checkpoint_files, load_config, expected_keys)  # another adapter's load
+        try:
+            return self._load(model, state_dict, checkpoint_files, load_config, load)
+        finally:
+            if self.refusal is not None:
+                self.refusal.remove()  # loaded, or taken out again
+
+    def _load(self, model, state_dict, checkpoint_files, load_config, load):
         try:
             if state_dict is None:
                 state_dict = read_checkpoint_files(checkpoint_files or [])

@@ -12,7 +12,17 @@ from peft.utils import CONFIG_NAME
 
 from .peft_type import S2FTPeftType
 
-SELECTION_STRATEGIES = ("random", "weight_large", "weight_small")
+SELECTION_STRATEGIES = (
+    "random",
+    "weight_large",
+    "weight_small",
+    "activation_large",
+    "activation_small",
+    "weight_activation_large",
+    "weight_activation_small",
+    "gradient_large",
+    "gradient_small",
+)
 ALLOCATIONS = ("uniform", "global")
 # The fields (besides target_modules) that decide which heads and channels an adapter trains.
 SELECTION_FIELDS = (
@@ -23,6 +33,7 @@ SELECTION_FIELDS = (
     "channels_per_layer",
     "channel_ratio",
     "selection",
+    "calibration",
     "allocation",
     "seed",
     "disjoint_from",
@@ -76,12 +87,32 @@ class S2FTConfig(PeftConfig):
         default=None,
         metadata={"help": "Fraction in (0, 1] of the FFN channels to train. Overrides the budget for the FFN."},
     )
-    selection: Literal["random", "weight_large", "weight_small"] = field(
+    selection: Literal[
+        "random",
+        "weight_large",
+        "weight_small",
+        "activation_large",
+        "activation_small",
+        "weight_activation_large",
+        "weight_activation_small",
+        "gradient_large",
+        "gradient_small",
+    ] = field(
         default="random",
         metadata={
-            "help": "How heads and channels are chosen: 'random' (seeded, the paper's default S2FT-R), "
-            "'weight_large' / 'weight_small' (largest / smallest norm of their output- or down-projection "
-            "columns, S2FT-W)."
+            "help": "How heads and channels are chosen: 'random' (seeded, the paper's default S2FT-R); by the "
+            "largest / smallest norm of their output- or down-projection columns: 'weight_*' (S2FT-W), of the "
+            "activations those columns read on calibration data: 'activation_*' (S2FT-A), of both: "
+            "'weight_activation_*' (S2FT-S), or of the loss gradient of those columns: 'gradient_*' (S2FT-G). "
+            "The data-driven ones need peft_s2ft.calibrate_selection(model, config, batches) before get_peft_model."
+        },
+    )
+    calibration: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in by peft_s2ft.calibrate_selection for the data-driven strategies: the statistic and how "
+            "many batches and tokens it was computed on. The selected indices are in the adapter file, so loading "
+            "an adapter needs no data."
         },
     )
     allocation: Literal["uniform", "global"] = field(

@@ -161,6 +161,7 @@ def _fused_config(configs: list[S2FTConfig], state_dict: dict[str, torch.Tensor]
     config = copy.deepcopy(configs[0])
     config.init_weights = True
     config.disjoint_from = None
+    vars(config).pop("_calibration", None)  # the fused file holds the selection
     config.train_v = any(c.train_v for c in configs)
     config.train_up = any(c.train_up for c in configs)
     defaults = S2FTConfig()

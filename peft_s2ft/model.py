@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 
 import torch
@@ -25,6 +26,7 @@ from .architectures import (
 )
 from .architectures.description import KV_GROUP
 from .architectures.discovery import base_layer_of
+from .calibration import needs_calibration
 from .config import S2FTConfig
 from .layer import S2FTTunerLayer
 from .linear_like import logical_weight
@@ -270,6 +272,11 @@ class S2FTModel(BaseTuner):
         if state_dict is not None:
             checkpoint.check_geometry(config, structure)
             plan = checkpoint.check_checkpoint(model, state_dict)
+        elif self._awaits_its_file(model, config):
+            # transformers' load_adapter: the file's selection replaces this one before anything runs
+            # (LoadAdapterBridge); until then a pre-hook refuses forwards.
+            plan = selection_plan(dataclasses.replace(config, selection="random"), model, structure)
+            self._selection_from_file = True
         else:
             plan = selection_plan(config, model, structure)
         # Recorded only once the plan stands: a refused load leaves the config as it was.
@@ -280,6 +287,17 @@ class S2FTModel(BaseTuner):
         if config.permute:
             permutation.check_contiguous(model, plan)
         return plan
+
+    def _awaits_its_file(self, model: nn.Module, config: S2FTConfig) -> bool:
+        """A config read from a calibrated adapter's folder without its file (transformers' `load_adapter` reads it
+        with PeftConfig.from_pretrained): the selection is in the file, which the load bridge reads next."""
+        return (
+            needs_calibration(config.selection)
+            and getattr(config, "_calibration", None) is None
+            and config.calibration is not None
+            and self._injected_directly
+            and hasattr(type(model), "_load_pretrained_model")
+        )
 
     def inject_adapter(
         self,
@@ -292,6 +310,7 @@ class S2FTModel(BaseTuner):
         """Plan and check everything first; if wrapping or permuting fails anyway, take it all out again."""
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
+        self._selection_from_file = False
         self._pending_plan = self._plan(model, config)
         requires_grad = checkpoint.snapshot_requires_grad(model)
         try:
@@ -312,7 +331,10 @@ class S2FTModel(BaseTuner):
             del self._pending_plan
         self._record_adapters_on_layers(model)
         if self._injected_directly and hasattr(type(model), "_load_pretrained_model"):
-            checkpoint.LoadAdapterBridge(adapter_name, requires_grad).install(model)
+            bridge = checkpoint.LoadAdapterBridge(adapter_name, requires_grad)
+            if self._selection_from_file:
+                bridge.refuse_forwards_until_loaded(model, config.selection)
+            bridge.install(model)
 
     def _record_adapters_on_layers(self, model: nn.Module) -> None:
         """Every S2FT layer sees the model's adapter configs, so `supports_lora_conversion` (PEFT's convert_to_lora)

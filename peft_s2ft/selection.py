@@ -14,6 +14,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
+from .calibration import CalibrationScores, needs_calibration
 from .config import S2FTConfig
 from .overlap import Units
 
@@ -43,11 +44,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _unit_scores(
-    strategy: str, generator: torch.Generator, block: Block, output_weight: torch.Tensor | None
+    strategy: str,
+    generator: torch.Generator,
+    block: Block,
+    output_weight: torch.Tensor | None,
+    calibration: CalibrationScores | None,
 ) -> torch.Tensor:
     if strategy == "random":
         return torch.rand(block.num_units, generator=generator)
     assert output_weight is not None
+    if calibration is not None:
+        return calibration.unit_scores(strategy, block, output_weight)
     norms = _unit_norms(output_weight, block)
     return norms if strategy == "weight_large" else -norms
 
@@ -140,6 +147,7 @@ def select_units(
     each dense FFN. Units in `taken` (other adapters' selections, `S2FTConfig.disjoint_from`) are never chosen.
     """
     taken = taken or Units()
+    calibration = _calibration_for(config, model, attention, ffn, experts)
     budget = config.trainable_ratio * count_parameters(model)
     attention_budget = budget * config.attention_share
     heads = _select_kind(
@@ -152,8 +160,11 @@ def select_units(
         "heads_per_layer",
         0,
         taken,
+        calibration,
     )
-    channels, expert_channels = _select_ffn(config, ffn, experts, weights, budget - attention_budget, taken)
+    channels, expert_channels = _select_ffn(
+        config, ffn, experts, weights, budget - attention_budget, taken, calibration
+    )
     return Selection(heads, channels, expert_channels)
 
 
@@ -164,6 +175,7 @@ def _select_ffn(
     weights: dict[str, torch.Tensor],
     budget: float,
     taken: Units,
+    calibration: CalibrationScores | None,
 ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Dense FFN channels, and the channels of every expert (the same count per expert)."""
     if not experts:
@@ -177,6 +189,7 @@ def _select_ffn(
             "channels_per_layer",
             1,
             taken,
+            calibration,
         )
         return channels, {}
     if config.allocation != "uniform":
@@ -197,7 +210,11 @@ def _select_ffn(
         "channels",
         total_units=0,
     )
-    channels = _select_kind(config, ffn, weights, budget, count, None, "channels_per_layer", 1, taken) if ffn else {}
+    channels = (
+        _select_kind(config, ffn, weights, budget, count, None, "channels_per_layer", 1, taken, calibration)
+        if ffn
+        else {}
+    )
     generator = torch.Generator().manual_seed(config.seed + 2)
     expert_channels = {}
     for block in experts:
@@ -226,6 +243,7 @@ def _select_kind(
     count_field: str,
     seed_offset: int,
     taken: Units,
+    calibration: CalibrationScores | None,
 ) -> dict[str, list[int]]:
     """One kind of unit (heads or channels) over its blocks: how many, then which."""
     if not blocks:
@@ -246,7 +264,9 @@ def _select_kind(
     )
     generator = torch.Generator().manual_seed(config.seed + seed_offset)
     scores = [
-        _unit_scores(config.selection, generator, b, None if config.selection == "random" else weights[b.key])
+        _unit_scores(
+            config.selection, generator, b, None if config.selection == "random" else weights[b.key], calibration
+        )
         for b in blocks
     ]
     scores = [
@@ -260,6 +280,30 @@ def _select_kind(
     group_sizes = [b.group_size if config.permute else 1 for b in blocks]
     picked = _pick(scores, counts, group_sizes)
     return {b.key: sel for b, sel in zip(blocks, picked, strict=True) if sel}
+
+
+def _calibration_for(
+    config: S2FTConfig, model: nn.Module, attention: list[Block], ffn: list[Block], experts: list[ExpertsBlock]
+) -> CalibrationScores | None:
+    """The calibration statistics a data-driven strategy reads, checked against the blocks to select in."""
+    if not needs_calibration(config.selection):
+        return None
+    calibration = getattr(config, "_calibration", None)
+    if calibration is None:
+        raise ValueError(
+            f"S2FTConfig.selection='{config.selection}' scores heads and channels on calibration data, and this "
+            "config has none: call peft_s2ft.calibrate_selection(model, config, batches) with a few batches of the "
+            "fine-tuning data before get_peft_model (a saved adapter keeps its selection: load it with "
+            "PeftModel.from_pretrained, which needs no data)."
+        )
+    if experts:
+        raise ValueError(
+            f"S2FTConfig.selection='{config.selection}' scores dense heads and channels, not the channels inside "
+            f"fused experts ({experts[0].key}): use selection='random' or 'weight_large' / 'weight_small', or leave "
+            "the experts out of target_modules."
+        )
+    calibration.check_covers(attention + ffn, model)
+    return calibration
 
 
 def _without_taken(block: Block, scores: torch.Tensor, taken: Units, count: int, config: S2FTConfig) -> torch.Tensor:

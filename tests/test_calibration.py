@@ -1,0 +1,262 @@
+"""Data-driven selection (S2FT-A / S2FT-S / S2FT-G): scores equal a direct computation, each strategy selects what
+its name says, the adapter file carries the selection, and every missing or mismatched calibration is refused."""
+
+from __future__ import annotations
+
+import families
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+
+from peft_s2ft import S2FTConfig, calibrate_selection
+from peft_s2ft.architectures import describe
+from peft_s2ft.layer import S2FTLayer
+
+ROWS, LENGTH = 3, 9
+
+
+def _batches(count: int = 2, pad: bool = True) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 64, (ROWS, LENGTH), generator=generator)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[1, 6:] = 0  # right padding: the causal model's other positions do not see it
+            mask[2, 4:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _unpadded_rows(batches):
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            yield ids[mask.bool()][None]
+
+
+def _direct_column_squares(model, inputs) -> dict[str, torch.Tensor]:
+    """x_c² summed over every token, from the FFN's own input (down's input is act(gate x) * up x) and from the
+    o_proj input captured on unpadded sequences run one at a time."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for layer_path, layer in [(f"model.layers.{i}", m) for i, m in enumerate(model.model.layers)]:
+
+        def ffn_hook(module, args, path=f"{layer_path}.mlp.down_proj"):
+            x = args[0]
+            inner = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+            sums[path] = sums.get(path, 0) + inner.reshape(-1, inner.shape[-1]).double().square().sum(0)
+
+        def o_hook(module, args, path=f"{layer_path}.self_attn.o_proj"):
+            x = args[0]
+            sums[path] = sums.get(path, 0) + x.reshape(-1, x.shape[-1]).double().square().sum(0)
+
+        hooks += [
+            layer.mlp.register_forward_pre_hook(ffn_hook),
+            layer.self_attn.o_proj.register_forward_pre_hook(o_hook),
+        ]
+    with torch.no_grad():
+        for ids in inputs:
+            model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return sums
+
+
+def test_activation_sums_equal_a_direct_computation_and_leave_padding_out(load):
+    model = load("llama-gqa")
+    batches = _batches()
+    scores = calibrate_selection(model, S2FTConfig(selection="activation_large"), batches, progress=False)
+    direct = _direct_column_squares(model, _unpadded_rows(batches))
+    assert scores.statistic == "activation" and scores.batches == 2
+    assert scores.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert set(scores.columns) == set(direct)
+    for key, expected in direct.items():
+        torch.testing.assert_close(scores.columns[key].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_sums_equal_per_batch_autograd(load):
+    model = load("llama-gqa")
+    batches = _batches()
+    scores = calibrate_selection(model, S2FTConfig(selection="gradient_small"), batches, progress=False)
+    reference = load("llama-gqa").eval()
+    expected: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        reference.zero_grad()
+        reference(**batch, labels=labels).loss.backward()
+        for name, module in reference.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                expected[name] = expected.get(name, 0) + module.weight.grad.double().square().sum(0)
+    assert scores.statistic == "gradient"
+    for key, value in expected.items():
+        torch.testing.assert_close(scores.columns[key].double(), value, rtol=1e-4, atol=1e-10)
+
+
+def test_calibration_changes_no_weight_flag_or_mode(load):
+    model = load("llama-gqa").train()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calibrate_selection(model, S2FTConfig(selection="gradient_large"), _batches(), progress=False)
+    assert model.training
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
+def _unit_norms(columns: torch.Tensor, width: int) -> torch.Tensor:
+    return columns.double().reshape(-1, width).sum(dim=1).sqrt()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "activation_large",
+        "activation_small",
+        "weight_activation_large",
+        "weight_activation_small",
+        "gradient_large",
+        "gradient_small",
+    ],
+)
+def test_each_strategy_selects_the_extreme_scores(load, strategy):
+    model = load("llama-mha")
+    config = S2FTConfig(selection=strategy, heads_per_layer=1, channels_per_layer=5)
+    scores = calibrate_selection(model, config, _batches(), progress=False)
+    structure = describe(model)
+    expected = {}
+    for block in structure.attention + structure.ffn:
+        module = model.get_submodule(block.key)
+        width = module.in_features // block.num_units
+        columns = scores.columns[block.key].double()
+        if strategy.startswith("weight_activation"):
+            columns = columns * module.weight.detach().double().square().sum(dim=0)
+        norms = _unit_norms(columns, width)
+        count = 1 if block.kind == "attention" else 5
+        order = torch.argsort(norms, descending=strategy.endswith("_large"))
+        expected[block.key] = torch.cat(
+            [torch.arange(u * width, (u + 1) * width) for u in sorted(order[:count].tolist())]
+        )
+    peft_model = get_peft_model(model, config)
+    for key, indices in expected.items():
+        layer = peft_model.base_model.model.get_submodule(key)
+        assert isinstance(layer, S2FTLayer)
+        assert torch.equal(layer.s2ft_indices["default"], indices), key
+
+
+def test_a_small_strategy_and_its_large_twin_pick_different_units(load):
+    model = load("llama-mha")
+    picked = []
+    for strategy in ("activation_large", "activation_small"):
+        config = S2FTConfig(selection=strategy, heads_per_layer=1, channels_per_layer=5)
+        calibrate_selection(model, config, _batches(), progress=False)
+        peft_model = get_peft_model(load("llama-mha"), config)
+        layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+        picked.append(set(layer.s2ft_indices["default"].tolist()))
+    assert not picked[0] & picked[1]
+
+
+def test_a_data_driven_strategy_without_calibration_is_refused_and_leaves_the_model(load):
+    model = load("llama-gqa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"selection='activation_small'.*calibrate_selection\(model, config, batches\)"
+    ):
+        get_peft_model(model, S2FTConfig(selection="activation_small"))
+    assert not any(isinstance(m, S2FTLayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_scores_of_another_model_or_statistic_are_refused(load):
+    config = S2FTConfig(selection="activation_small")
+    calibrate_selection(load("llama-gqa"), config, _batches(), progress=False)
+    other = load("llama-gqa")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight[0, 0] += 1  # the same shapes, another weight
+    for model in (other, load("llama-mha")):
+        with pytest.raises(ValueError, match="computed on another model"):
+            get_peft_model(model, config)
+    config.selection = "gradient_small"
+    with pytest.raises(ValueError, match="needs gradient statistics.*calibrated for activation"):
+        get_peft_model(load("llama-gqa"), config)
+
+
+def test_calibrating_a_strategy_that_reads_no_data_is_refused(load):
+    with pytest.raises(ValueError, match="does not read data"):
+        calibrate_selection(load("llama-gqa"), S2FTConfig(), _batches(), progress=False)
+    with pytest.raises(ValueError, match="got no batches"):
+        calibrate_selection(load("llama-gqa"), S2FTConfig(selection="activation_small"), [], progress=False)
+
+
+def test_fused_experts_are_refused(tmp_path):
+    path = families.build("mixtral", tmp_path)
+    model = families.load(path, "mixtral")
+    with pytest.raises(ValueError, match="fused experts"):
+        calibrate_selection(model, S2FTConfig(selection="activation_small"), _batches(1), progress=False)
+
+
+def _calibrated_adapter(load, tmp_path):
+    model = load("llama-gqa")
+    config = S2FTConfig(selection="activation_small", init_weights=False)
+    calibrate_selection(model, config, _batches(), progress=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path)
+    ids = _batches(1, pad=False)[0]["input_ids"]
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+    indices = {
+        n: m.s2ft_indices["default"] for n, m in peft_model.base_model.model.named_modules() if isinstance(m, S2FTLayer)
+    }
+    return ids, logits, indices
+
+
+def _indices(model) -> dict[str, torch.Tensor]:
+    return {
+        n.removeprefix("base_model.model."): m.s2ft_indices["default"]
+        for n, m in model.named_modules()
+        if isinstance(m, S2FTLayer)
+    }
+
+
+def test_the_file_holds_the_selection_so_loading_needs_no_data(load, tmp_path):
+    ids, logits, indices = _calibrated_adapter(load, tmp_path)
+    saved = PeftConfig.from_pretrained(tmp_path)
+    tokens = sum(int(b["attention_mask"].sum()) for b in _batches())
+    assert saved.calibration == {"statistic": "activation", "batches": 2, "tokens": tokens}
+    loaded = PeftModel.from_pretrained(load("llama-gqa"), tmp_path)
+    assert {k: v.tolist() for k, v in _indices(loaded).items()} == {k: v.tolist() for k, v in indices.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=0, atol=0)
+
+
+def test_transformers_load_adapter_takes_the_file_selection(load, tmp_path):
+    ids, logits, indices = _calibrated_adapter(load, tmp_path)
+    model = load("llama-gqa")
+    model.load_adapter(str(tmp_path))
+    assert {k: v.tolist() for k, v in _indices(model).items()} == {k: v.tolist() for k, v in indices.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
+
+
+def test_a_read_config_injected_without_its_file_refuses_to_run(load, tmp_path):
+    ids, _, _ = _calibrated_adapter(load, tmp_path)
+    model = load("llama-gqa")
+    inject_adapter_in_model(PeftConfig.from_pretrained(tmp_path), model)  # the first half of transformers' load
+    with pytest.raises(RuntimeError, match="takes its heads and channels from its adapter file"):
+        model(input_ids=ids)
+
+
+def test_a_read_config_without_its_folder_is_not_a_selection(load, tmp_path):
+    _calibrated_adapter(load, tmp_path)
+    config = PeftConfig.from_pretrained(tmp_path)  # the calibration record, not the scores nor the folder
+    with pytest.raises(ValueError, match="this config has none"):
+        get_peft_model(load("llama-gqa"), config)
+
+
+def test_calibrating_a_read_config_asks_for_a_fresh_selection(load, tmp_path):
+    _, _, indices = _calibrated_adapter(load, tmp_path)
+    config = S2FTConfig.from_pretrained(tmp_path)
+    config.selection = "activation_large"
+    calibrate_selection(load("llama-gqa"), config, _batches(), progress=False)
+    fresh = get_peft_model(load("llama-gqa"), config)
+    assert any(not torch.equal(fresh_idx, indices[k]) for k, fresh_idx in _indices(fresh).items())
