@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -101,10 +102,10 @@ FULL = dict(
     seed=0,
     lr_s2ft=3e-3,
     lr_lora=1e-3,
-    weights="1.0",
+    weights="1.0,0.5",
     system_prompt="none",  # "default": the chat template's own default system turn
 )
-QUICK = dict(FULL, max_steps=2, batch_size=4, test_samples=6, eval_batch_size=6, long_new_tokens=12)
+QUICK = dict(FULL, max_steps=2, batch_size=4, test_samples=6, eval_batch_size=6, long_new_tokens=12, weights="1.0")
 # Neither the batch of greedy decoding nor extra fusion weights change the other runs' results.
 RESULT_KEYS = tuple(k for k in FULL if k not in ("eval_batch_size", "weights"))
 CHECK_ROWS = 4  # prompts per task in the fused-versus-sum logit check
@@ -177,8 +178,12 @@ def machine_state() -> dict[str, Any]:
     return state
 
 
+@functools.cache
 def code_version() -> dict[str, Any]:
-    """The commit of the repository and whether peft_s2ft/ differs from it (others edit it concurrently)."""
+    """The commit of the repository and whether peft_s2ft/ differs from it (others edit it concurrently).
+
+    Cached: main() asks first, before anything is imported, so it names the code this process runs.
+    """
 
     def git(*args: str) -> str:
         try:
@@ -291,12 +296,17 @@ def study_plan(task_a: str, task_b: str) -> tuple[list[AdapterSpec], list[Pair]]
         AdapterSpec(f"lora-{task_a}", "lora", task_a),
         AdapterSpec(f"lora-{task_b}", "lora", task_b),
         AdapterSpec(f"s2ft-disjoint-{task_b}", "s2ft", task_b, disjoint_from=f"s2ft-{task_a}"),
+        # A second draw of each kind of selection: how much of a difference is the draw, not the overlap.
+        AdapterSpec(f"s2ft-seed2-{task_b}", "s2ft", task_b, seed=2),
+        AdapterSpec(f"s2ft-disjoint-seed1-{task_b}", "s2ft", task_b, seed=1, disjoint_from=f"s2ft-{task_a}"),
     ]
     pairs = [
         Pair("s2ft-same-selection", f"s2ft-{task_a}", f"s2ft-{task_b}", ("linear",)),
         Pair("s2ft-independent", f"s2ft-{task_a}", f"s2ft-seed1-{task_b}", ("linear",)),
         Pair("s2ft-disjoint", f"s2ft-{task_a}", f"s2ft-disjoint-{task_b}", ("linear",)),
         Pair("lora", f"lora-{task_a}", f"lora-{task_b}", ("cat", "linear")),
+        Pair("s2ft-independent-seed2", f"s2ft-{task_a}", f"s2ft-seed2-{task_b}", ("linear",)),
+        Pair("s2ft-disjoint-seed1", f"s2ft-{task_a}", f"s2ft-disjoint-seed1-{task_b}", ("linear",)),
     ]
     return adapters, pairs
 
@@ -610,7 +620,7 @@ class Study:
                         accuracy=sum(correct) / len(correct),
                         per_problem="".join("1" if c else "0" for c in correct),
                         max_new_tokens=new_tokens,
-                        sample_generations=result.generations[:6],
+                        generations=result.generations,  # short: the answers of a numeric task
                         eval_seconds=time.perf_counter() - started,
                         eval_cpu_seconds=time.process_time() - cpu_started,
                         machine_before=before,
@@ -712,7 +722,39 @@ def report(path: Path) -> str:
     def ev(setup: str, task: str) -> dict[str, Any] | None:
         return records.get(f"eval/{setup}/{task}")
 
-    lines = [
+    def pct(record: dict[str, Any] | None) -> str:
+        return "–" if record is None else f"{100 * record['accuracy']:.1f}"
+
+    # The compact table: accuracy in % per task: the task's adapter alone, the other adapter, fused per weight.
+    fused_cols = [f"fused {w[0]:g}/{w[1]:g}" for w in weights]
+    head = [f"{t}: {c}" for t in tasks for c in ("alone", "other", *fused_cols)]
+    lines = ["| pair, fusion | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines.append(
+        "| base model | "
+        + " | ".join(" | ".join([pct(ev("base", t))] + [""] * (1 + len(weights))) for t in tasks)
+        + " |"
+    )
+    for pair in pairs:
+        for combination in pair.combinations:
+            cells = []
+            for task, own, other in ((tasks[0], pair.a, pair.b), (tasks[1], pair.b, pair.a)):
+                cells += [pct(ev(own, task)), pct(ev(other, task))]
+                cells += [pct(ev(fused_setup(pair, combination, w), task)) for w in weights]
+            lines.append(f"| {pair.name}, {combination} | " + " | ".join(cells) + " |")
+
+    # Paired differences between the 1/1 fusions, on the same test problems.
+    ones = [fused_setup(p, c, (1.0, 1.0)) for p in pairs for c in p.combinations]
+    for task in tasks:
+        present = [f for f in ones if ev(f, task) is not None]
+        lines += ["", f"{task}: row − column, points (problems the row loses/gains against the column), fused 1/1", ""]
+        lines += ["| | " + " | ".join(f.split(":")[1] + " " + f.split(":")[2] for f in present) + " |"]
+        lines += ["|---|" + "---|" * len(present)]
+        for row in present:
+            cells = ["" if row == col else _paired(ev(col, task), ev(row, task)) for col in present]
+            lines.append(f"| {row.split(':')[1]} {row.split(':')[2]} | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
         "| pair, fusion | task | base | adapter for this task alone | the other task's adapter | fused "
         "| fused − alone, points (lost/gained) |",
         "|---|---|---|---|---|---|---|",
@@ -782,7 +824,28 @@ def report(path: Path) -> str:
             f"Binomial standard error with n = {n}: "
             + ", ".join(f"{100 * standard_error(p, n):.1f} points at {100 * p:.0f}%" for p in (0.1, 0.3, 0.5)),
         ]
+    lines += ["", "| setup | task | most frequent predicted answers (count) | no number |", "|---|---|---|---|"]
+    for r in records.values():
+        if r["kind"] == "eval" and "generations" in r:
+            top, missing = _top_predictions(r["generations"])
+            lines.append(f"| {r['setup']} | {r['task']} | {top} | {missing} |")
     return "\n".join(lines)
+
+
+def _top_predictions(generations: list[str], k: int = 4) -> tuple[str, int]:
+    """The k most frequent extracted answers, and how many generations hold no number."""
+    from peft_s2ft.train.task import extract_answer
+
+    counts: dict[str, int] = {}
+    missing = 0
+    for text in generations:
+        answer = extract_answer(text)
+        if answer is None:
+            missing += 1
+        else:
+            counts[answer] = counts.get(answer, 0) + 1
+    top = sorted(counts.items(), key=lambda item: -item[1])[:k]
+    return ", ".join(f"{a} ({c})" for a, c in top), missing
 
 
 def _summary(overlap: Any) -> Any:
@@ -914,6 +977,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
+    code_version()
     if args.report:
         print(report(Path(args.output)))
         return 0
