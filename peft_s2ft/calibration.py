@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .architectures import OUTPUT, describe
@@ -57,7 +58,7 @@ class CalibrationScores:
     batches: int = 0
     tokens: int = 0
     summary: dict = field(default_factory=dict)
-    signature: dict[str, float] = field(default_factory=dict)  # block key -> _weight_signature at calibration
+    signature: dict[str, tuple[float, float]] = field(default_factory=dict)  # block key -> _weight_signature
 
     def check_covers(self, blocks: Iterable[Block], model: nn.Module) -> None:
         """Refuse scores computed on another model: every block must be there, with its columns and weights."""
@@ -68,12 +69,12 @@ class CalibrationScores:
             if (
                 column_sums is None
                 or column_sums.numel() != in_features
-                or self.signature.get(block.key) != _weight_signature(module)
+                or not _same_weights(self.signature.get(block.key), _weight_signature(module))
             ):
                 raise ValueError(
                     f"The calibration scores on this S2FTConfig were computed on another model: {block.key} has other "
-                    "weights or columns here. Run peft_s2ft.calibrate_selection(model, config, batches) on the model "
-                    "you give get_peft_model."
+                    "weights or columns here (or its weights were changed, e.g. merged into, since). Run "
+                    "peft_s2ft.calibrate_selection(model, config, batches) on the model you give get_peft_model."
                 )
 
     def unit_scores(self, strategy: str, block: Block, output_weight: torch.Tensor) -> torch.Tensor:
@@ -101,13 +102,15 @@ def calibrate_selection(
     max_batches: int | None = None,
     progress: bool = True,
 ) -> CalibrationScores:
-    """Score every head and FFN channel of `model` on `batches` for `config.selection`, and keep the scores on
-    `config` for `get_peft_model`.
+    """Score every dense head and FFN channel of `model` on `batches` for `config.selection`, and keep the scores on
+    `config` for `get_peft_model` (or `add_adapter`).
 
     `batches` are dicts the model takes as keyword arguments (a DataLoader over tokenized data), on any device:
     each is moved to the model's device. Padding (`attention_mask == 0`) is left out of the activation sums. The
-    gradient statistic needs a loss: batches with `labels`, or, for a causal LM, the input ids themselves as labels.
-    The model runs in eval mode and is put back as it was; no weight or `requires_grad` flag changes.
+    gradient statistic needs a loss: batches with `labels` (batches whose labels are all -100 are skipped), or, for a
+    causal LM, the input ids themselves as labels. `model` may already hold adapters (a PeftModel): it is scored as it
+    runs. It runs in eval mode and is put back as it was; no weight, gradient or `requires_grad` flag changes.
+    Channels inside fused experts are not scored (selection refuses data-driven strategies there).
     """
     strategy = config.selection
     if strategy not in DATA_DRIVEN:
@@ -115,17 +118,12 @@ def calibrate_selection(
             f"S2FTConfig.selection='{strategy}' does not read data; calibrate_selection is for "
             f"{', '.join(DATA_DRIVEN)}."
         )
-    structure = describe(model)
-    if structure.experts:
-        raise ValueError(
-            f"Data-driven selection scores dense heads and channels, not the channels inside fused experts "
-            f"({structure.experts[0].key}): use selection='random' or 'weight_large' / 'weight_small' on this "
-            "mixture-of-experts model."
-        )
+    root = _root(model)
+    structure = describe(root)
     blocks = list(structure.attention) + list(structure.ffn)
     statistic = DATA_DRIVEN[strategy]
     device = next(model.parameters()).device
-    accumulate = _ActivationSums(model, blocks) if statistic == "activation" else _GradientSums(model, blocks)
+    accumulate = _ActivationSums(root, blocks) if statistic == "activation" else _GradientSums(root, blocks)
     was_training = model.training
     model.eval()
     count = 0
@@ -133,14 +131,23 @@ def calibrate_selection(
         with accumulate:
             for batch in _progress(batches, max_batches, progress):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                accumulate.run(model, batch)
-                count += 1
+                count += accumulate.run(model, batch)
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("calibrate_selection got no batches: pass a few batches of the fine-tuning data.")
-    signature = {b.key: _weight_signature(base_layer_of(model.get_submodule(b.key))) for b in blocks}
-    scores = CalibrationScores(statistic, accumulate.sums(), count, accumulate.tokens, signature=signature)
+        raise ValueError(
+            "calibrate_selection got no batches it could use: pass a few batches of the fine-tuning data (for "
+            "gradient_*, with some labels that are not -100)."
+        )
+    sums = accumulate.sums()
+    bad = [key for key, total in sums.items() if not torch.isfinite(total).all()]
+    if bad:
+        raise ValueError(
+            f"The calibration statistics of {bad[0]} (and {len(bad) - 1} more) are not finite (NaN or inf): the model "
+            "overflowed on these batches; calibrate in float32 or on other batches."
+        )
+    signature = {b.key: _weight_signature(base_layer_of(root.get_submodule(b.key))) for b in blocks}
+    scores = CalibrationScores(statistic, sums, count, accumulate.tokens, signature=signature)
     scores.summary = {"statistic": statistic, "batches": count, "tokens": accumulate.tokens}
     config._calibration = scores
     config.calibration = dict(scores.summary)
@@ -148,9 +155,23 @@ def calibrate_selection(
     return scores
 
 
-def _weight_signature(module: nn.Module) -> float:
-    """A cheap fingerprint of a projection's weight (its first two output rows), telling another model's apart."""
-    return logical_weight(module)[:2].detach().double().sum().item()
+def _root(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (whose module paths selection uses), or the model itself."""
+    tuner = getattr(model, "base_model", None)
+    return tuner.model if isinstance(tuner, BaseTuner) else model
+
+
+def _weight_signature(module: nn.Module) -> tuple[float, float]:
+    """A cheap fingerprint of a projection's weight (sum and absolute sum of its first two output rows)."""
+    rows = logical_weight(module)[:2].detach().double()
+    return rows.sum().item(), rows.abs().sum().item()
+
+
+def _same_weights(saved: tuple[float, float] | None, current: tuple[float, float]) -> bool:
+    """Equal up to rounding (a cast to bf16 moves each weight by at most 2^-8 of itself), not another model's."""
+    if saved is None:
+        return False
+    return abs(saved[0] - current[0]) <= 1e-2 * max(saved[1], current[1]) + 1e-12
 
 
 def _progress(batches: Iterable, max_batches: int | None, progress: bool) -> Iterator:
@@ -165,20 +186,34 @@ def _progress(batches: Iterable, max_batches: int | None, progress: bool) -> Ite
         yield batch
 
 
-def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _token_rows(x: torch.Tensor, mask: torch.Tensor | None, where: str) -> torch.Tensor:
     """The projection input as (tokens, features) without padding, whether it comes (batch, positions, features)
     or already flattened (batch x positions, features)."""
     rows = x.reshape(-1, x.shape[-1])
-    if mask is not None and mask.numel() == rows.shape[0]:
-        rows = rows[mask.reshape(-1).to(rows.device).bool()]
-    return rows
+    if mask is None:
+        return rows
+    if x.shape[:-1] != mask.shape and rows.shape[0] != mask.numel():
+        raise ValueError(
+            f"{where} received an input of shape {tuple(x.shape)} that the batch's attention_mask {tuple(mask.shape)} "
+            "does not describe, so padding cannot be left out: calibrate with batches whose attention_mask is "
+            "(batch, positions) of input_ids, or without one."
+        )
+    return rows[mask.reshape(-1).to(rows.device).bool()]
+
+
+def _tokens_in(batch: dict) -> int:
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if mask is not None:
+        return int(mask.sum())
+    return ids.numel() if ids is not None else 0
 
 
 class _ActivationSums(contextlib.AbstractContextManager):
-    """Forward pre-hooks on every output projection, summing x_c² over non-padding tokens."""
+    """Forward pre-hooks on every output projection (or the adapter layer wrapping it: the same input), summing x_c²
+    over non-padding tokens."""
 
-    def __init__(self, model: nn.Module, blocks: list[Block]) -> None:
-        self.modules = {b.key: base_layer_of(model.get_submodule(b.key)) for b in blocks}
+    def __init__(self, root: nn.Module, blocks: list[Block]) -> None:
+        self.modules = {b.key: root.get_submodule(b.key) for b in blocks}
         self.totals: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
         self.tokens = 0
@@ -196,56 +231,86 @@ class _ActivationSums(contextlib.AbstractContextManager):
 
     def _hook(self, key: str):
         def hook(module, args):
-            rows = _token_rows(args[0].detach(), self.mask).float()
+            rows = _token_rows(args[0].detach(), self.mask, key).float()
             total = rows.square().sum(dim=0)
             self.totals[key] = total if key not in self.totals else self.totals[key] + total
 
         return hook
 
-    def run(self, model: nn.Module, batch: dict) -> None:
+    def run(self, model: nn.Module, batch: dict) -> int:
         self.mask = batch.get("attention_mask")
-        ids = batch.get("input_ids")
-        if self.mask is not None:
-            self.tokens += int(self.mask.sum())
-        elif ids is not None:
-            self.tokens += ids.numel()
+        self.tokens += _tokens_in(batch)
         with torch.no_grad():
             model(**batch)
+        return 1
 
     def sums(self) -> dict[str, torch.Tensor]:
         return {key: total.cpu() for key, total in self.totals.items()}
 
 
 class _GradientSums(contextlib.AbstractContextManager):
-    """Per batch, the loss gradient of every output projection's weight, reduced at once to per-column squares."""
+    """Per batch, the loss gradient of every output projection's weight, G = sum over tokens of g x^T, from module
+    hooks (each projection's input and output gradient), reduced at once to per-column squares.
 
-    def __init__(self, model: nn.Module, blocks: list[Block]) -> None:
-        self.modules = {b.key: base_layer_of(model.get_submodule(b.key)) for b in blocks}
-        self.model = model
+    No parameter's `requires_grad` or `.grad` is touched: the input embeddings' output becomes a leaf that requires
+    grad and `torch.autograd.grad` differentiates the loss down to it only, through every layer of a frozen (or
+    quantized, or adapter-wrapped) model.
+    """
+
+    def __init__(self, root: nn.Module, blocks: list[Block]) -> None:
+        self.root = root
+        self.modules = {b.key: root.get_submodule(b.key) for b in blocks}
         self.totals: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.batch_grads: dict[str, torch.Tensor] = {}
+        self.embedded: list[torch.Tensor] = []
         self.tokens = 0
-        self.requires_grad: dict[int, bool] = {}
+        self.handles = []
 
     def __enter__(self):
-        # Only the output projections' weights take gradients, so backward computes no other weight's.
-        self.requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for module in self.modules.values():
-            module.weight.requires_grad_(True)
+        embeddings = self.root.get_input_embeddings() if hasattr(self.root, "get_input_embeddings") else None
+        if embeddings is None:
+            raise ValueError("gradient_* selection needs the model's input embeddings (get_input_embeddings()).")
+        self.handles.append(embeddings.register_forward_hook(self._track_embeddings))
+        for key, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._keep_input(key)))
+            self.handles.append(module.register_full_backward_hook(self._add_gradient(key)))
         return self
 
     def __exit__(self, *exc) -> None:
-        for module in self.modules.values():
-            module.weight.grad = None
-        for p in self.model.parameters():
-            p.requires_grad_(self.requires_grad[id(p)])
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.inputs.clear()
+        self.batch_grads.clear()
+        self.embedded.clear()
 
-    def run(self, model: nn.Module, batch: dict) -> None:
+    def _track_embeddings(self, module, args, output):
+        # A leaf that requires grad: backward runs through every layer even when no parameter requires grad.
+        output = output.detach().requires_grad_(True)
+        self.embedded.append(output)
+        return output
+
+    def _keep_input(self, key: str):
+        def hook(module, args, output):
+            self.inputs.setdefault(key, []).append(args[0].detach())
+
+        return hook
+
+    def _add_gradient(self, key: str):
+        def hook(module, grad_input, grad_output):
+            x = self.inputs[key].pop()
+            g = grad_output[0]
+            grad = g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
+            self.batch_grads[key] = grad if key not in self.batch_grads else self.batch_grads[key] + grad
+
+        return hook
+
+    def run(self, model: nn.Module, batch: dict) -> int:
         batch = dict(batch)
         if "labels" not in batch:
             ids = batch.get("input_ids")
-            if ids is None or not _is_causal_lm(model):
+            if ids is None or not _is_causal_lm(self.root):
                 raise ValueError(
                     "selection='gradient_*' needs a loss: give calibration batches with `labels` (a causal LM can "
                     "take its input_ids as labels, which is what happens when a batch has input_ids and no labels)."
@@ -254,17 +319,24 @@ class _GradientSums(contextlib.AbstractContextManager):
             if batch.get("attention_mask") is not None:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
             batch["labels"] = labels
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        loss = model(**batch).loss
-        if loss is None:
-            raise ValueError("The model returned no loss for a calibration batch with labels: gradient scores need it.")
-        loss.backward()
-        for key, module in self.modules.items():
-            grad = logical_weight(module, module.weight.grad).float()
+        if not (batch["labels"] != -100).any():
+            return 0  # nothing supervised: the loss would be NaN
+        with torch.enable_grad():
+            loss = model(**batch).loss
+            if loss is None:
+                raise ValueError("The model returned no loss for a calibration batch with labels: gradient_* needs it.")
+            if not torch.isfinite(loss):
+                raise ValueError(f"A calibration batch gave a non-finite loss ({loss.item()}); check its labels.")
+            # Gradients only as far as the embeddings' output: no parameter's .grad is written.
+            torch.autograd.grad(loss, self.embedded, allow_unused=True)
+        self.embedded.clear()
+        self.tokens += _tokens_in(batch)
+        for key, grad in self.batch_grads.items():
             total = grad.square().sum(dim=0)
             self.totals[key] = total if key not in self.totals else self.totals[key] + total
-            module.weight.grad = None
+        self.batch_grads.clear()
+        self.inputs.clear()
+        return 1
 
     def sums(self) -> dict[str, torch.Tensor]:
         return {key: total.cpu() for key, total in self.totals.items()}

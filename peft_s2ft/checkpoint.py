@@ -36,7 +36,7 @@ from .architectures import EXPERTS, describe
 from .architectures.discovery import base_layer_of
 from .experts import S2FTExpertsLayer, attach_experts
 from .layer import S2FTLayer, S2FTTunerLayer, attach
-from .linear_like import features
+from .linear_like import features, is_linear_like
 from .partial_backprop import COLUMNS
 from .peft_type import PREFIX
 
@@ -256,6 +256,43 @@ def check_checkpoint(root: nn.Module, state_dict: dict[str, torch.Tensor]) -> di
     return checked
 
 
+def check_column_checkpoint(
+    root: nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """Validate a file whose layers train input columns of any linear layer (PaCA); return path -> (axis, indices)."""
+    entries = _entries(state_dict)
+    if not entries:
+        raise AdapterMismatchError(
+            f"The adapter file holds no adapted layer (no '.{DELTA}' / '.{INDICES}' entries among its "
+            f"{len(state_dict)} tensors); it is not a PaCA adapter, or it was saved without its weights."
+        )
+    checked = {}
+    for path, found in entries.items():
+        missing = {DELTA, INDICES} - set(found)
+        if missing:
+            raise AdapterMismatchError(f"Adapter file: layer '{path}' has no {sorted(missing)[0]} entry.")
+        try:
+            module = base_layer_of(root.get_submodule(path))
+        except AttributeError:
+            module = None
+        if module is None or not is_linear_like(module):
+            raise AdapterMismatchError(
+                f"Adapter file: layer '{path}' is not a linear layer of this base model ({type(root).__name__}); the "
+                "adapter was made for another model."
+            )
+        out_features, in_features = features(module)
+        checked[path] = (COLUMNS, check_entry(path, in_features, out_features, COLUMNS, found[INDICES], found[DELTA]))
+    return checked
+
+
+def checked_file_plan(root: nn.Module, config, state_dict: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """The file's layers, checked as the config's method defines them: described units (S2FT) or any columns."""
+    if getattr(config, "any_linear_layer", False):
+        return check_column_checkpoint(root, state_dict)
+    check_geometry(config, describe(root))
+    return check_checkpoint(root, state_dict)
+
+
 def check_whole_units(where: str, block, span, indices: torch.Tensor) -> None:
     """An S2FT adapter trains whole heads, K/V groups or channels: indices that split one were made for a model
     with another head layout (or edited by hand), and would train parts of this model's units."""
@@ -371,8 +408,7 @@ def conform_model_to_checkpoint(
     Everything is checked before the first module changes, so a refused file leaves the model as it was.
     """
     root = _root(model)
-    check_geometry(config, describe(root))
-    checked = check_checkpoint(root, state_dict)
+    checked = checked_file_plan(root, config, state_dict)
     current = {
         name: module
         for name, module in root.named_modules()
@@ -404,6 +440,7 @@ def conform_model_to_checkpoint(
             remove_layer_adapter(root, path, adapter_name)
         if config.permute:
             permutation.permute_model(root, adapter_name)
+    stop_awaiting_file(root, adapter_name)
     return _aligned_to_layers(root, adapter_name, state_dict, checked)
 
 
@@ -518,6 +555,37 @@ def snapshot_requires_grad(root: nn.Module) -> dict[int, bool]:
     return {id(p): p.requires_grad for p in root.parameters()}
 
 
+AWAITING_FILE = "_s2ft_selections_awaiting_their_file"
+
+
+def await_file_selection(model: nn.Module, adapter_name: str, strategy: str) -> None:
+    """`adapter_name` was injected with a stand-in selection (a calibrated strategy cannot be re-run without its
+    data): refuse every forward of `model` until a load makes its layers fit its file, or the adapter is gone."""
+    waiting = model.__dict__.get(AWAITING_FILE)
+    if waiting is None:
+        waiting = model.__dict__[AWAITING_FILE] = {}
+
+        def refuse(module, args, kwargs):
+            configs = getattr(module, "peft_config", None) or {}
+            pending = {name: how for name, how in waiting.items() if name in configs}
+            if pending:
+                name, how = next(iter(pending.items()))
+                raise RuntimeError(
+                    f"The S2FT adapter '{name}' (selection='{how}', chosen on calibration data) takes its heads and "
+                    "channels from its adapter file, which is not loaded yet. Load it with model.load_adapter(path) or "
+                    "PeftModel.from_pretrained(model, path); to train a new adapter, call "
+                    "peft_s2ft.calibrate_selection(model, config, batches) first."
+                )
+
+        model.register_forward_pre_hook(refuse, with_kwargs=True)
+    waiting[adapter_name] = strategy
+
+
+def stop_awaiting_file(model: nn.Module, adapter_name: str) -> None:
+    """Its file is loaded, or the name is being injected afresh: forwards no longer wait for `adapter_name`."""
+    model.__dict__.get(AWAITING_FILE, {}).pop(adapter_name, None)
+
+
 class LoadAdapterBridge:
     """transformers' `model.load_adapter` runs the checks of `conform_model_to_checkpoint` through this.
 
@@ -531,24 +599,9 @@ class LoadAdapterBridge:
     def __init__(self, adapter_name: str, requires_grad: dict[int, bool]) -> None:
         self.adapter_name = adapter_name
         self.requires_grad = requires_grad
-        self.refusal = None
 
     def install(self, model: nn.Module) -> None:
         model.__dict__["_load_pretrained_model"] = self
-
-    def refuse_forwards_until_loaded(self, model: nn.Module, strategy: str) -> None:
-        """The injected selection is a stand-in for the file's (a calibrated strategy cannot be re-run without its
-        data): no forward runs on it until the file is loaded."""
-
-        def refuse(module, args, kwargs):
-            raise RuntimeError(
-                f"The S2FT adapter '{self.adapter_name}' (selection='{strategy}', chosen on calibration data) takes "
-                "its heads and channels from its adapter file, which is not loaded yet. Load it with "
-                "model.load_adapter(path) or PeftModel.from_pretrained(model, path); to train a new adapter, call "
-                "peft_s2ft.calibrate_selection(model, config, batches) first."
-            )
-
-        self.refusal = model.register_forward_pre_hook(refuse, with_kwargs=True)
 
     def __call__(self, model, state_dict, checkpoint_files, load_config, expected_keys=None):
         if model.__dict__.get("_load_pretrained_model") is self:
@@ -557,13 +610,6 @@ class LoadAdapterBridge:
         marker = f".{DELTA}.{self.adapter_name}"
         if not any(key.endswith(marker) for key in expected_keys or ()):
             return load(model, state_dict, checkpoint_files, load_config, expected_keys)  # another adapter's load
-        try:
-            return self._load(model, state_dict, checkpoint_files, load_config, load)
-        finally:
-            if self.refusal is not None:
-                self.refusal.remove()  # loaded, or taken out again
-
-    def _load(self, model, state_dict, checkpoint_files, load_config, load):
         try:
             if state_dict is None:
                 state_dict = read_checkpoint_files(checkpoint_files or [])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import families
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 
 from peft_s2ft import S2FTConfig, calibrate_selection
 from peft_s2ft.architectures import describe
@@ -92,16 +92,71 @@ def test_gradient_sums_equal_per_batch_autograd(load):
         torch.testing.assert_close(scores.columns[key].double(), value, rtol=1e-4, atol=1e-10)
 
 
-def test_calibration_changes_no_weight_flag_or_mode(load):
+@pytest.mark.parametrize("strategy", ["activation_large", "gradient_large"])
+def test_calibration_changes_no_weight_flag_gradient_or_mode(load, strategy):
     model = load("llama-gqa").train()
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    model.lm_head.weight.grad = torch.full_like(model.lm_head.weight, 0.5)  # a gradient accumulated before
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    calibrate_selection(model, S2FTConfig(selection="gradient_large"), _batches(), progress=False)
+    calibrate_selection(model, S2FTConfig(selection=strategy), _batches(), progress=False)
     assert model.training
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
-    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.lm_head.weight.grad, torch.full_like(model.lm_head.weight, 0.5))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
     assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
+def test_a_model_holding_adapters_is_scored_as_it_runs(load):
+    """A second data-driven adapter: calibrated on the PeftModel, whose layers are S2FT wrappers."""
+    plain = load("llama-gqa")
+    reference = calibrate_selection(plain, S2FTConfig(selection="gradient_large"), _batches(), progress=False)
+    peft_model = get_peft_model(load("llama-gqa"), S2FTConfig())  # a zero delta: the same function
+    for strategy in ("gradient_large", "activation_large"):
+        config = S2FTConfig(selection=strategy, heads_per_layer=1, channels_per_layer=4)
+        scores = calibrate_selection(peft_model, config, _batches(), progress=False)
+        assert set(scores.columns) == set(reference.columns)  # keys of the transformers model, not the PeftModel
+        if strategy == "gradient_large":
+            for key, total in reference.columns.items():
+                torch.testing.assert_close(scores.columns[key], total, rtol=1e-4, atol=1e-10)
+        peft_model.add_adapter(strategy, config)
+        assert strategy in peft_model.peft_config
+
+
+def test_batches_without_supervised_tokens_are_skipped_not_nan(load):
+    batches = _batches()
+    unsupervised = dict(batches[0], labels=torch.full_like(batches[0]["input_ids"], -100))
+    scores = calibrate_selection(
+        load("llama-gqa"), S2FTConfig(selection="gradient_small"), [unsupervised, batches[1]], progress=False
+    )
+    assert scores.batches == 1
+    assert all(torch.isfinite(total).all() for total in scores.columns.values())
+    with pytest.raises(ValueError, match="no batches it could use"):
+        calibrate_selection(load("llama-gqa"), S2FTConfig(selection="gradient_small"), [unsupervised], progress=False)
+
+
+def test_max_batches_stops_early(load):
+    scores = calibrate_selection(
+        load("llama-gqa"), S2FTConfig(selection="activation_small"), _batches(3), max_batches=2, progress=False
+    )
+    assert scores.batches == 2
+
+
+def test_a_mask_that_does_not_describe_the_input_is_refused(load):
+    batch = _batches(1)[0]
+    batch["attention_mask"] = batch["attention_mask"][:, :-1]
+    with pytest.raises(ValueError, match="attention_mask .* does not describe"):
+        calibrate_selection(load("llama-gqa"), S2FTConfig(selection="activation_small"), [batch], progress=False)
+
+
+def test_conv1d_models_calibrate_and_select(tmp_path):
+    path = families.build("gpt2", tmp_path)
+    for strategy in ("activation_small", "gradient_large", "weight_activation_large"):
+        model = families.load(path, "gpt2")
+        config = S2FTConfig(selection=strategy)
+        ids = families.sample_input_ids("gpt2")
+        calibrate_selection(model, config, [{"input_ids": ids}], progress=False)
+        assert get_peft_model(model, config).peft_config["default"].calibration["batches"] == 1
 
 
 def _unit_norms(columns: torch.Tensor, width: int) -> torch.Tensor:
@@ -188,11 +243,18 @@ def test_calibrating_a_strategy_that_reads_no_data_is_refused(load):
         calibrate_selection(load("llama-gqa"), S2FTConfig(selection="activation_small"), [], progress=False)
 
 
-def test_fused_experts_are_refused(tmp_path):
+def test_fused_experts_are_not_scored_and_selecting_them_is_refused(tmp_path):
     path = families.build("mixtral", tmp_path)
     model = families.load(path, "mixtral")
-    with pytest.raises(ValueError, match="fused experts"):
-        calibrate_selection(model, S2FTConfig(selection="activation_small"), _batches(1), progress=False)
+    ids = families.sample_input_ids("mixtral")
+    config = S2FTConfig(selection="activation_small")
+    scores = calibrate_selection(model, config, [{"input_ids": ids}], progress=False)
+    assert scores.columns and not any("experts" in key for key in scores.columns)
+    with pytest.raises(ValueError, match="not the channels inside fused experts"):
+        get_peft_model(model, config)
+    attention_only = S2FTConfig(selection="activation_small", attention_share=1.0)
+    calibrate_selection(model, attention_only, [{"input_ids": ids}], progress=False)
+    assert get_peft_model(model, attention_only).peft_config["default"].selection == "activation_small"
 
 
 def _calibrated_adapter(load, tmp_path):
@@ -238,12 +300,32 @@ def test_transformers_load_adapter_takes_the_file_selection(load, tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
 
 
-def test_a_read_config_injected_without_its_file_refuses_to_run(load, tmp_path):
-    ids, _, _ = _calibrated_adapter(load, tmp_path)
+def test_a_read_config_injected_without_its_file_refuses_to_run_until_loaded(load, tmp_path):
+    ids, logits, _ = _calibrated_adapter(load, tmp_path)
     model = load("llama-gqa")
     inject_adapter_in_model(PeftConfig.from_pretrained(tmp_path), model)  # the first half of transformers' load
     with pytest.raises(RuntimeError, match="takes its heads and channels from its adapter file"):
         model(input_ids=ids)
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(tmp_path / "adapter_model.safetensors"))  # a low-level load
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
+
+
+def test_a_failed_load_leaves_no_refusal_behind(load, tmp_path):
+    ids, logits, _ = _calibrated_adapter(load, tmp_path)
+    broken = tmp_path / "config-only"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((tmp_path / "adapter_config.json").read_text())
+    model = load("llama-gqa")
+    with pytest.raises((OSError, ValueError)):
+        model.load_adapter(str(broken))
+    if "default" in getattr(model, "peft_config", {}):
+        model.delete_adapter("default")
+    model.load_adapter(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
 
 
 def test_a_read_config_without_its_folder_is_not_a_selection(load, tmp_path):
@@ -254,9 +336,14 @@ def test_a_read_config_without_its_folder_is_not_a_selection(load, tmp_path):
 
 
 def test_calibrating_a_read_config_asks_for_a_fresh_selection(load, tmp_path):
-    _, _, indices = _calibrated_adapter(load, tmp_path)
+    _, _, file_indices = _calibrated_adapter(load, tmp_path)
     config = S2FTConfig.from_pretrained(tmp_path)
-    config.selection = "activation_large"
-    calibrate_selection(load("llama-gqa"), config, _batches(), progress=False)
-    fresh = get_peft_model(load("llama-gqa"), config)
-    assert any(not torch.equal(fresh_idx, indices[k]) for k, fresh_idx in _indices(fresh).items())
+    assert "_adapter_source" in vars(config)
+    other_batches = [{"input_ids": torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))}]
+    calibrate_selection(load("llama-gqa"), config, other_batches, progress=False)  # the selection field unchanged
+    assert "_adapter_source" not in vars(config)
+    reference = S2FTConfig(selection="activation_small", init_weights=False)
+    calibrate_selection(load("llama-gqa"), reference, other_batches, progress=False)
+    expected = {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), reference)).items()}
+    assert expected != {k: v.tolist() for k, v in file_indices.items()}  # else the test could not tell
+    assert {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), config)).items()} == expected

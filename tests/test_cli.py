@@ -47,6 +47,25 @@ def test_train_s2ft_end_to_end(tiny_model, tmp_path, capsys):
     assert "eval base model" in err  # progress bars go to stderr
 
 
+def test_train_with_a_data_driven_selection_calibrates_on_training_rows(tiny_model, tmp_path, capsys):
+    out_dir = tmp_path / "calibrated"
+    status, out, err = _train(
+        capsys, "--model", tiny_model, "--output-dir", str(out_dir), "--selection", "activation_small", *SMALL_BUDGET
+    )
+    assert status == 0, err
+    assert "selection 'activation_small' calibrated on 4 training examples" in out  # one batch: 1% of 8 is less
+    saved = json.loads((out_dir / "adapter_config.json").read_text())
+    assert saved["selection"] == "activation_small"
+    assert saved["calibration"]["statistic"] == "activation" and saved["calibration"]["batches"] == 1
+    assert json.loads((out_dir / REPORT_FILE).read_text())["reload_ok"]
+
+
+@pytest.mark.parametrize("extra", [["--method", "lora"], ["--selection", "random"]])
+def test_calibration_samples_without_a_data_driven_selection_is_refused(tiny_model, capsys, extra):
+    status, _, err = _train(capsys, "--model", tiny_model, "--calibration-samples", "8", *extra)
+    assert status == 2 and "--calibration-samples only applies to --method s2ft with a data-driven" in err
+
+
 def test_train_lora_matches_s2ft_budget(tiny_model, tmp_path, capsys):
     out_dir = tmp_path / "lora"
     status, out, err = _train(

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--channels-per-layer", type=int)
     budget.add_argument("--selection", choices=SELECTION_STRATEGIES, default="random")
     budget.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
+    budget.add_argument(
+        "--calibration-samples",
+        type=int,
+        help="training examples the data-driven selections (activation_*, weight_activation_*, gradient_*) score "
+        "heads and channels on (default: 1%% of the training examples, as the paper, at least one batch)",
+    )
 
     evaluation = train.add_argument_group("evaluation")
     evaluation.add_argument("--eval-batch-size", type=int, default=DEFAULTS["eval_batch_size"])
@@ -117,7 +123,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.train_samples is None:
         args.train_samples = args.max_steps * args.batch_size
     positive = ("max_steps", "train_samples", "eval_samples", "batch_size", "eval_batch_size", "max_length")
-    for name in positive + ("max_new_tokens", "lora_rank"):
+    for name in positive + ("max_new_tokens", "lora_rank", "calibration_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -127,6 +133,13 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("--learning-rate must be positive.")
     if args.eval_data is not None and args.data is None:
         raise UsageError("--eval-data needs --data.")
+    from ..calibration import DATA_DRIVEN
+
+    if args.calibration_samples is not None and (args.method != "s2ft" or args.selection not in DATA_DRIVEN):
+        raise UsageError(
+            "--calibration-samples only applies to --method s2ft with a data-driven --selection "
+            f"({', '.join(DATA_DRIVEN)})."
+        )
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -237,6 +250,21 @@ def peft_config(args: argparse.Namespace, source: str) -> Any:
     return lora_config(rank, PAPER_LORA_TARGETS)
 
 
+def calibrate_on_training_rows(
+    model: Any, config: Any, rows: list[dict], args: argparse.Namespace, pad_token_id: int
+) -> None:
+    """Score heads and channels for a data-driven selection on the first training examples."""
+    from ..calibration import calibrate_selection
+    from .task import CompletionCollator
+
+    count = args.calibration_samples or max(args.batch_size, round(0.01 * len(rows)))
+    count = min(count, len(rows))
+    collate = CompletionCollator(pad_token_id)
+    batches = [collate(rows[i : min(i + args.batch_size, count)]) for i in range(0, count, args.batch_size)]
+    scores = calibrate_selection(model, config, batches)
+    print(f"selection '{config.selection}' calibrated on {count} training examples ({scores.tokens} tokens)")
+
+
 # -------------------------------------------------------------------------------------------- training
 
 
@@ -324,6 +352,7 @@ def run_train(args: argparse.Namespace) -> int:
     from peft import get_peft_model
     from transformers import set_seed
 
+    from ..calibration import needs_calibration
     from .embedded_model import ModelUnavailableError, resolve_model
     from .report import TrainReport, adapter_bytes, peak_cuda_bytes, peak_rss_bytes
     from .task import CompletionCollator, completion_token_lengths, encode_split, evaluate
@@ -355,7 +384,10 @@ def run_train(args: argparse.Namespace) -> int:
     model = _load_model(source, device)
     base = run_eval(model, "eval base model")
     base_params = sum(p.numel() for p in model.parameters())  # the base model's, as the paper's "1%" counts them
-    model = get_peft_model(model, peft_config(args, source))
+    config = peft_config(args, source)
+    if args.method == "s2ft" and needs_calibration(config.selection):
+        calibrate_on_training_rows(model, config, train_rows, args, tokenizer.pad_token_id)
+    model = get_peft_model(model, config)
     model.print_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
