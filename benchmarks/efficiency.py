@@ -35,6 +35,7 @@ import torch
 from benchmarks.measure import StepTimes, adapter_file_bytes, instrumented_step, timed_step
 from benchmarks.methods import (
     LORA_METHODS,
+    MATCHED_METHODS,
     METHODS,
     Trainee,
     copy_for,
@@ -125,7 +126,7 @@ def machine() -> dict:
 def build_trainees(
     base: torch.nn.Module, methods: list[str], args: argparse.Namespace, task: str = "CAUSAL_LM"
 ) -> tuple[list[Trainee], dict[str, str]]:
-    """One copy of `base` per method; LoRA ranks matched to the default S2FT's trainable count.
+    """One copy of `base` per method; LoRA ranks and PaCA's column count matched to the default S2FT's trainable count.
 
     Also returns the methods that do not apply to this model, each with the reason: a LoRA method without
     targets in its family (`lora-experts` on a model without fused experts), or permute mode where S2FT refuses
@@ -136,18 +137,19 @@ def build_trainees(
     for method in methods:
         if method in LORA_METHODS and lora_targets(base, method) is None:
             skipped[method] = f"no {method} targets for model_type {base.config.model_type!r}"
-    for method in (m for m in methods if m not in LORA_METHODS):
+    for method in (m for m in methods if m not in MATCHED_METHODS):
         try:
             trainees[method] = prepare(method, copy_for(method, base), peft_feed=args.peft_input, task_type=task)
         except ValueError as error:
             if method != "s2ft-permute":
                 raise
             skipped[method] = str(error)
-    lora_methods = [m for m in methods if m in LORA_METHODS and m not in skipped]
-    if lora_methods and args.lora_rank is None:
+    lora_methods = [m for m in methods if m in MATCHED_METHODS and m not in skipped]
+    if any(m == "paca" or args.lora_rank is None for m in lora_methods):
         budget = trainees["s2ft"].trainable_params() if "s2ft" in trainees else s2ft_trainable_count(base, task)
     for method in lora_methods:
-        rank = args.lora_rank or matched_lora_rank(base, method, budget, task)
+        fixed = args.lora_rank if method in LORA_METHODS else None  # --lora-rank is LoRA's; PaCA's r is matched
+        rank = fixed or matched_lora_rank(base, method, budget, task)
         model = copy_for(method, base)
         trainees[method] = prepare(method, model, lora_rank=rank, peft_feed=args.peft_input, task_type=task)
     for method, reason in skipped.items():
@@ -179,7 +181,8 @@ def record(trainee: Trainee, figures, times: list[StepTimes], context: dict, ada
         **context,
         "method": trainee.method,
         "trainable_params": trainee.trainable_params(),
-        "lora_rank": trainee.lora_rank,
+        "lora_rank": trainee.lora_rank if trainee.method in LORA_METHODS else None,
+        "paca_r": trainee.lora_rank if trainee.method == "paca" else None,
         "input": trainee.feed,
         "step_time_s": median("step_s"),
         "forward_s": median("forward_s"),

@@ -18,8 +18,10 @@ from torch import nn
 
 from peft_s2ft.train.lora_baseline import PAPER_LORA_TARGETS, lora_config
 
-METHODS = ("limit", "full", "lora", "lora-all", "lora-experts", "s2ft", "s2ft-permute")
+METHODS = ("limit", "full", "lora", "lora-all", "lora-experts", "s2ft", "s2ft-permute", "paca")
 LORA_METHODS = ("lora", "lora-all", "lora-experts")
+# Methods whose size is a rank-like count matched to S2FT's trainable parameters: LoRA's rank, PaCA's r.
+MATCHED_METHODS = (*LORA_METHODS, "paca")
 
 
 @dataclass(frozen=True)
@@ -142,22 +144,35 @@ def method_lora_config(rank: int, targets: LoraTargets, task_type: str = "CAUSAL
     )
 
 
-def _lora_trainable_count(base: nn.Module, method: str, rank: int, task_type: str) -> int:
+def paca_config(r: int, task_type: str = "CAUSAL_LM"):
+    """PaCA (peft_s2ft.PaCAConfig) with `r` random input columns in every linear layer but the output layer."""
+    import peft_s2ft
+
+    return peft_s2ft.PaCAConfig(r=r, task_type=task_type)
+
+
+def _config_of(method: str, base: nn.Module, rank: int, task_type: str):
+    if method == "paca":
+        return paca_config(rank, task_type)
+    return method_lora_config(rank, lora_targets(base, method), task_type)
+
+
+def _trainable_count(base: nn.Module, method: str, rank: int, task_type: str) -> int:
     import peft
 
-    config = method_lora_config(rank, lora_targets(base, method), task_type)
-    model = peft.get_peft_model(copy_for(method, base), config)
+    model = peft.get_peft_model(copy_for(method, base), _config_of(method, base, rank, task_type))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def matched_lora_rank(base: nn.Module, method: str, budget: int, task_type: str = "CAUSAL_LM") -> int:
-    """The rank whose trainable-parameter count (LoRA on `method`'s targets) is closest to `budget` (at least 1).
+    """The rank (LoRA) or column count (PaCA) whose trainable-parameter count on `method`'s targets is closest to
+    `budget` (at least 1).
 
     The count is read off the adapted model at ranks 1 and 2, so that it is right for every kind of target
     (`nn.Linear`, GPT-2's `Conv1D`, fused expert parameters, whose LoRA is per expert) and for what PEFT trains
-    besides LoRA (a classifier head in `modules_to_save`, which S2FT's count holds as well).
+    besides the adapter (a classifier head in `modules_to_save`, which S2FT's count holds as well).
     """
-    one, two = (_lora_trainable_count(base, method, rank, task_type) for rank in (1, 2))
+    one, two = (_trainable_count(base, method, rank, task_type) for rank in (1, 2))
     per_rank, fixed = two - one, 2 * one - two
     return max(1, round((budget - fixed) / per_rank))
 
@@ -190,6 +205,11 @@ def prepare(
         model, feed = peft.get_peft_model(model, method_lora_config(rank, targets, task_type)), peft_feed
     elif method in ("s2ft", "s2ft-permute"):
         model, feed = peft.get_peft_model(model, s2ft_config(method, task_type)), peft_feed
+    elif method == "paca":
+        if lora_rank is None:
+            raise ValueError("paca needs its column count r (passed as lora_rank).")
+        rank = lora_rank
+        model, feed = peft.get_peft_model(model, paca_config(rank, task_type)), peft_feed
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,5 @@
-"""S2FT (structured sparse fine-tuning) as a PEFT tuner. Importing this package registers it."""
+"""S2FT (structured sparse fine-tuning) as a PEFT tuner, and PaCA on the same machinery. Importing this package
+registers both."""
 
 from .architectures import SUPPORTED_MODEL_TYPES
 from .calibration import CalibrationScores, calibrate_selection
@@ -9,7 +10,8 @@ from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .layer import S2FTLayer
 from .model import S2FTModel
 from .overlap import selection_overlap
-from .peft_type import S2FTPeftType
+from .paca import PaCAConfig, PaCAModel
+from .peft_type import PaCAPeftType, S2FTPeftType
 from .registration import register
 
 register()
@@ -17,6 +19,9 @@ register()
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "CalibrationScores",
+    "PaCAConfig",
+    "PaCAModel",
+    "PaCAPeftType",
     "S2FTConfig",
     "S2FTExpertsLayer",
     "S2FTLayer",

@@ -45,14 +45,66 @@ SELECTION_FIELDS = (
 )
 
 
+class SelectionFileConfig:
+    """What S2FT's and PaCA's configs share: a config read from an adapter folder remembers it, so injection follows
+    the file's selection, and saving writes the config file atomically.
+
+    Subclasses define `selection_fingerprint()` and list in `_not_saved` the fields that steer a fresh selection only.
+    """
+
+    _not_saved: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, remembering where the adapter lives so injection can follow its file's selection.
+
+        The link holds only while the selection fields are as read: a config edited into another selection gets a
+        fresh selection.
+        """
+        from .checkpoint import AdapterSource
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, SelectionFileConfig):
+            download_kwargs, _, _ = cls._split_kwargs(kwargs)
+            download_kwargs.pop("subfolder", None)
+            config._adapter_source = AdapterSource(
+                str(pretrained_model_name_or_path), subfolder, download_kwargs, config.selection_fingerprint()
+            )
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's writer, into a temporary folder beside the target, then renamed over the old file."""
+        from .saving import remove_leftovers
+
+        os.makedirs(save_directory, exist_ok=True)
+        remove_leftovers(os.path.join(save_directory, ".s2ft-config-*"))
+        staging = tempfile.mkdtemp(prefix=".s2ft-config-", dir=save_directory)
+        # Fields that only steered the selection the file now holds; saved, they would send load paths that re-run
+        # the selection (transformers' load_adapter) after things that may be gone (S2FT's disjoint_from).
+        kept = {name: getattr(self, name) for name in self._not_saved}
+        for name in kept:
+            setattr(self, name, None)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+        finally:
+            for name, value in kept.items():
+                setattr(self, name, value)
+            for name in os.listdir(staging):
+                os.remove(os.path.join(staging, name))
+            os.rmdir(staging)
+
+
 @dataclass
-class S2FTConfig(PeftConfig):
+class S2FTConfig(SelectionFileConfig, PeftConfig):
     """Configuration of an S2FT adapter.
 
     The default is the paper's recipe: random heads and channels, about 1% of the model's parameters
     trainable, half on attention (output-projection columns of whole heads) and half on the FFN
     (down-projection columns of channels), the same number in every adapted layer.
     """
+
+    _not_saved = ("disjoint_from",)
 
     trainable_ratio: float = field(
         default=0.01,
@@ -296,40 +348,3 @@ class S2FTConfig(PeftConfig):
         targets = ("<roles>", *sorted(self.default_roles())) if self.target_modules is None else self.target_modules
         values = [getattr(self, name) for name in SELECTION_FIELDS] + [targets]
         return tuple(tuple(sorted(v)) if isinstance(v, (set, list)) else v for v in values)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, remembering where the adapter lives so injection can follow its file's selection.
-
-        The link holds only while the selection fields are as read: a config edited into another selection gets a
-        fresh selection.
-        """
-        from .checkpoint import AdapterSource
-
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if isinstance(config, S2FTConfig):
-            download_kwargs, _, _ = cls._split_kwargs(kwargs)
-            download_kwargs.pop("subfolder", None)
-            config._adapter_source = AdapterSource(
-                str(pretrained_model_name_or_path), subfolder, download_kwargs, config.selection_fingerprint()
-            )
-        return config
-
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's writer, into a temporary folder beside the target, then renamed over the old file."""
-        from .saving import remove_leftovers
-
-        os.makedirs(save_directory, exist_ok=True)
-        remove_leftovers(os.path.join(save_directory, ".s2ft-config-*"))
-        staging = tempfile.mkdtemp(prefix=".s2ft-config-", dir=save_directory)
-        # `disjoint_from` only steered the selection the file now holds; saved, it would send load paths that
-        # re-run the selection (transformers' load_adapter) after adapters that may be gone.
-        disjoint_from, self.disjoint_from = self.disjoint_from, None
-        try:
-            super().save_pretrained(staging, **kwargs)
-            os.replace(os.path.join(staging, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
-        finally:
-            self.disjoint_from = disjoint_from
-            for name in os.listdir(staging):
-                os.remove(os.path.join(staging, name))
-            os.rmdir(staging)

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import S2FTConfig
+from .config import S2FTConfig, SelectionFileConfig
 from .experts import S2FTExpertsLayer
 from .layer import S2FTLayer
 from .partial_backprop import COLUMNS
@@ -129,12 +129,12 @@ def _resolve(peft_model: nn.Module, adapter_name: str) -> tuple[nn.Module, S2FTC
         )
     configs = getattr(tuner, "peft_config", None) or {}
     config = configs.get(adapter_name)
-    if not isinstance(config, S2FTConfig):
-        own = sorted(name for name, c in configs.items() if isinstance(c, S2FTConfig))
-        what = "no adapter" if config is None else f"a {config.peft_type} adapter, not an S2FT one,"
+    if not isinstance(config, SelectionFileConfig):  # S2FT's or PaCA's: column and row deltas alike
+        own = sorted(name for name, c in configs.items() if isinstance(c, SelectionFileConfig))
+        what = "no adapter" if config is None else f"a {config.peft_type} adapter, not an S2FT or PaCA one,"
         raise ValueError(
-            f"The model has {what} named '{adapter_name}'. Its S2FT adapters: {', '.join(own) or 'none'}; pass one of "
-            "them as adapter_name."
+            f"The model has {what} named '{adapter_name}'. Its S2FT and PaCA adapters: {', '.join(own) or 'none'}; "
+            "pass one of them as adapter_name."
         )
     return model, config
 

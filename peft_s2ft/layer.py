@@ -315,6 +315,13 @@ def attach(
     """Wrap the linear `parent.<child_name>` (or add an adapter to its S2FT layer) training `indices`."""
     target = getattr(parent, child_name)
     if isinstance(target, S2FTLayer):
+        if target.axis != axis:
+            names = lambda a: "input columns" if a == COLUMNS else "output rows"  # noqa: E731
+            raise ValueError(
+                f"'{child_name}' already trains {names(target.axis)} for adapter(s) {', '.join(target.s2ft_delta)}; "
+                f"adapter '{adapter_name}' would train its {names(axis)}, which one layer cannot do for two adapters "
+                "(an S2FT adapter with train_v / train_up and a PaCA adapter on the same layer). Target other layers."
+            )
         target.update_layer(adapter_name, indices, init_weights)
         return target
     layer = S2FTLayer(target, adapter_name, axis, indices, init_weights)

@@ -27,7 +27,7 @@ from .architectures import (
 from .architectures.description import KV_GROUP
 from .architectures.discovery import base_layer_of
 from .calibration import needs_calibration
-from .config import S2FTConfig
+from .config import S2FTConfig, SelectionFileConfig
 from .layer import S2FTTunerLayer
 from .linear_like import logical_weight
 from .mixed_batch import BASE, mixed_batch_hooks
@@ -225,14 +225,15 @@ class S2FTModel(BaseTuner):
         # before loading the file its own way; see checkpoint.LoadAdapterBridge.
         self._injected_directly = isinstance(peft_config, PeftConfig)
         shared = getattr(model, "peft_config", None)  # a model that already holds adapters shares its dict
-        known = set(shared) if isinstance(shared, dict) else set()
+        previous = dict(shared) if isinstance(shared, dict) else None
         try:
             super().__init__(
                 model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
             )
         except BaseException:
-            if isinstance(shared, dict) and adapter_name not in known:
-                shared.pop(adapter_name, None)  # a refused adapter must not stay registered on the model
+            if previous is not None:  # a refused adapter must not stay registered, nor replace another's config
+                shared.clear()
+                shared.update(previous)
             raise
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
@@ -244,7 +245,7 @@ class S2FTModel(BaseTuner):
     def _check_new_adapter_config(self, config: S2FTConfig) -> None:
         super()._check_new_adapter_config(config)
         # Adapters of other methods can share the dict when injected directly into one model.
-        own = [c for c in self.peft_config.values() if isinstance(c, S2FTConfig)]
+        own = [c for c in self.peft_config.values() if isinstance(c, SelectionFileConfig)]  # S2FT's and PaCA's
         if len(own) > 1 and any(c.permute for c in own):
             raise ValueError(
                 "S2FTConfig.permute=True physically reorders the weights for one selection, so it supports a single "
@@ -310,6 +311,7 @@ class S2FTModel(BaseTuner):
         """Plan and check everything first; if wrapping or permuting fails anyway, take it all out again."""
         config = self.peft_config[adapter_name]
         self._prepare_adapter_config(config, self.get_model_config(model))
+        checkpoint.stop_awaiting_file(model, adapter_name)  # whatever an earlier adapter of this name waited for
         self._selection_from_file = False
         self._pending_plan = self._plan(model, config)
         requires_grad = checkpoint.snapshot_requires_grad(model)
@@ -331,10 +333,9 @@ class S2FTModel(BaseTuner):
             del self._pending_plan
         self._record_adapters_on_layers(model)
         if self._injected_directly and hasattr(type(model), "_load_pretrained_model"):
-            bridge = checkpoint.LoadAdapterBridge(adapter_name, requires_grad)
-            if self._selection_from_file:
-                bridge.refuse_forwards_until_loaded(model, config.selection)
-            bridge.install(model)
+            checkpoint.LoadAdapterBridge(adapter_name, requires_grad).install(model)
+        if self._selection_from_file:
+            checkpoint.await_file_selection(model, adapter_name, config.selection)
 
     def _record_adapters_on_layers(self, model: nn.Module) -> None:
         """Every S2FT layer sees the model's adapter configs, so `supports_lora_conversion` (PEFT's convert_to_lora)

@@ -45,9 +45,7 @@ def _saved_adapter_indices(model: nn.Module, source: str) -> Indices:
     from .checkpoint import AdapterMismatchError, AdapterSource, check_checkpoint, check_geometry
     from .config import S2FTConfig
 
-    names = sorted(
-        {n for m in model.modules() if isinstance(m, S2FTTunerLayer) for n in m.s2ft_delta}
-    )
+    names = sorted({n for m in model.modules() if isinstance(m, S2FTTunerLayer) for n in m.s2ft_delta})
     try:
         config = S2FTConfig.from_pretrained(source)
         state_dict = AdapterSource(source).read()

@@ -1,8 +1,8 @@
-"""The S2FT member of PEFT's type enum.
+"""The plugin's members of PEFT's type enum.
 
-PEFT's `PeftType` enum cannot be extended, so the plugin owns a one-member `(str, Enum)` whose value is
-"S2FT". It compares equal to the string "S2FT" (so JSON configs round-trip) and has `.value`, which
-transformers uses to derive the adapter prefix ("s2ft_").
+PEFT's `PeftType` enum cannot be extended, so the plugin owns `(str, Enum)` types whose values are "S2FT" and
+"PACA". Each compares equal to its string (so JSON configs round-trip) and has `.value`, which transformers uses to
+derive the adapter prefix. Both methods share the layer and checkpoint format, hence one prefix.
 """
 
 from enum import Enum
@@ -10,6 +10,10 @@ from enum import Enum
 
 class S2FTPeftType(str, Enum):
     S2FT = "S2FT"
+
+
+class PaCAPeftType(str, Enum):
+    PACA = "PACA"
 
 
 PREFIX = "s2ft_"

@@ -1,4 +1,5 @@
-"""Point PEFT's generic model suites at S2FT: the config lists become S2FTConfig, nothing else changes.
+"""Point PEFT's generic model suites at S2FT: the config lists become S2FTConfig (in the decoder suite, also
+PaCAConfig), nothing else changes.
 
 Per file (`SUITES`): the named top-level config lists are replaced by S2FTConfig with the file's task type
 and the per-model default targets (`target_modules: None`, what PEFT's lists give every tuner); the model
@@ -27,15 +28,19 @@ from pathlib import Path
 from build_models import MODELS, build
 
 
-def s2ft(task_type: str) -> str:
-    return f'[(S2FTConfig, {{"task_type": "{task_type}", "target_modules": None}})]'
+def s2ft(task_type: str, paca: bool = False) -> str:
+    """The config list: S2FT with its per-model default targets; with `paca`, also PaCA on every linear layer."""
+    configs = [f'(S2FTConfig, {{"task_type": "{task_type}", "target_modules": None}})']
+    if paca:
+        configs.append(f'(PaCAConfig, {{"task_type": "{task_type}", "r": 2}})')
+    return "[" + ", ".join(configs) + "]"
 
 
 # Issue #9 §3 asks for these task-head suites on BERT and RoBERTa.
 NOT_REQUESTED = "DeBERTa: not among the encoders issue #9 asks for (BERT, RoBERTa)"
 SUITES = {
     "test_decoder_models.py": {
-        "replace": {"ALL_CONFIGS": s2ft("CAUSAL_LM")},
+        "replace": {"ALL_CONFIGS": s2ft("CAUSAL_LM", paca=True)},  # PaCA: issue #11 asks for the decoder suite
         "model_lists": ["PEFT_DECODER_MODELS_TO_TEST", "SMALL_GRID_MODELS"],
     },
     "test_seq_classifier.py": {
@@ -130,7 +135,9 @@ def adapt(name: str, source: str) -> tuple[str, list[str]]:
         raise SystemExit(f"{name} has no top-level {', '.join(sorted(missing))}: PEFT changed it.")
     for list_name, (start, stop, text) in sorted(spans.items(), key=lambda item: -item[1][0]):
         lines[start:stop] = [f"{list_name} = {text}\n"]
-    header = MARKER + "import peft_s2ft  # registers the S2FT type with PEFT\nfrom peft_s2ft import S2FTConfig\n"
+    header = (
+        MARKER + "import peft_s2ft  # registers the S2FT and PaCA types\nfrom peft_s2ft import PaCAConfig, S2FTConfig\n"
+    )
     return header + "".join(lines), tested
 
 
