@@ -347,3 +347,17 @@ def test_calibrating_a_read_config_asks_for_a_fresh_selection(load, tmp_path):
     expected = {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), reference)).items()}
     assert expected != {k: v.tolist() for k, v in file_indices.items()}  # else the test could not tell
     assert {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), config)).items()} == expected
+
+
+def test_the_readme_snippet_runs(load):
+    import re
+    from pathlib import Path
+
+    import peft_s2ft
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"The data-driven selections of the paper.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {"model": load("llama-gqa"), "batches": _batches(), "S2FTConfig": S2FTConfig}
+    namespace |= {"peft_s2ft": peft_s2ft, "get_peft_model": get_peft_model}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["model"].peft_config["default"].calibration["statistic"] == "activation"
