@@ -35,24 +35,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output-dir", default="outputs/trl-s2ft")
     args = parser.parse_args()
 
     source = resolve_model(args.model)
-    train, _ = gsm_symbolic(train_size=8 * args.max_steps, eval_size=0, seed=0)
+    on_gpu = torch.cuda.is_available()
+    train, _ = gsm_symbolic(train_size=args.batch_size * args.max_steps, eval_size=0, seed=0)
     trainer = SFTTrainer(
         model=source,  # TRL loads it; a model instance works as well
         args=SFTConfig(
             output_dir=args.output_dir,
             max_steps=args.max_steps,
-            per_device_train_batch_size=8,
+            per_device_train_batch_size=args.batch_size,
             learning_rate=3e-3,  # S2FT trains few parameters: a LoRA-like rate, higher than full fine-tuning's
             lr_scheduler_type="linear",
             logging_steps=max(1, args.max_steps // 4),
             save_strategy="no",
             report_to=[],
             max_length=512,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not on_gpu,
+            bf16=on_gpu,  # SFTConfig's default is bf16; on a CPU, fp32 is many times faster
+            model_init_kwargs={"dtype": torch.bfloat16 if on_gpu else torch.float32},
         ),
         train_dataset=conversations(train),
         processing_class=AutoTokenizer.from_pretrained(source),

@@ -11,12 +11,19 @@ other layers are targeted or in what order they are visited.
 
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
@@ -120,6 +127,25 @@ def random_columns(config: PaCAConfig, path: str, layer: nn.Module) -> torch.Ten
     return torch.randperm(in_features, generator=generator)[: config.r].sort().values
 
 
+def _in_chosen_layers(config: PaCAConfig, names: set[str]) -> set[str]:
+    """The expanded 'all-linear' names that `layers_to_transform` / `layers_pattern` keep.
+
+    PEFT applies layer indexing only to target names matched as suffixes; a full module path in target_modules is
+    taken as chosen directly, so after the expansion to full paths `layers_to_transform` would be silently ignored.
+    Each name is checked here as its last segment, which PEFT's own matching then indexes.
+    """
+    if config.layers_to_transform is None:
+        return names
+    probe = copy.copy(config)
+    kept = set()
+    for name in names:
+        probe.target_modules = {name.rpartition(".")[2]}
+        found = check_target_module_exists(probe, name)
+        if found and not isinstance(found, _ExcludedModule):
+            kept.add(name)
+    return kept
+
+
 class PaCAModel(S2FTModel):
     """Creates a PaCA model from any model with linear layers.
 
@@ -138,7 +164,7 @@ class PaCAModel(S2FTModel):
             # say "Linear"); a second PaCA adapter adapts them too.
             wrapped = {name for name, module in self.model.named_modules() if isinstance(module, S2FTLayer)}
             peft_config = _maybe_include_all_linear_layers(peft_config, self.model)
-            peft_config.target_modules = set(peft_config.target_modules) | wrapped
+            peft_config.target_modules = _in_chosen_layers(peft_config, set(peft_config.target_modules) | wrapped)
         return peft_config
 
     def _check_new_adapter_config(self, config: PaCAConfig) -> None:

@@ -278,3 +278,9 @@ def test_export_to_lora_is_exact(load, input_ids, tmp_path):
         torch.testing.assert_close(
             lora(input_ids=input_ids).logits, model(input_ids=input_ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_layers_to_transform_restricts_all_linear(load):
+    """PEFT ignores layers_to_transform for full module paths, which is what 'all-linear' expands to."""
+    layers = _layers(get_peft_model(load("llama-gqa"), PaCAConfig(r=2, layers_to_transform=[1])))
+    assert sorted(layers) == sorted(f"model.layers.1.{p}" for p in LINEAR_PER_LAYER)

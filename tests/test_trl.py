@@ -94,7 +94,7 @@ def test_the_trl_example_runs_on_the_embedded_model(tmp_path):
     script = Path(__file__).resolve().parent.parent / "examples" / "trl_sft.py"
     out = tmp_path / "adapter"
     done = subprocess.run(
-        [sys.executable, str(script), "--max-steps", "1", "--output-dir", str(out)],
+        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "2", "--output-dir", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -76,6 +76,9 @@ DESELECT=(
   # `fc1` is a target; S2FT adapts `fc2`, whose 16x4 weight allows rank 4 at most. (tests/test_architectures.py
   # checks the lossless LoRA export on OPT and every other dense family.)
   "test_decoder_models.py::TestDecoderModels::test_lora_conversion[S2FTConfig-config_kwargs0-peft-internal-testing/tiny-random-OPTForCausalLM]"
+  # The same for PaCA, which adapts every linear layer of OPT, its 16x4 fc2 among them (tests/test_paca.py checks
+  # PaCA's lossless export_lora).
+  "test_decoder_models.py::TestDecoderModels::test_lora_conversion[PaCAConfig-config_kwargs1-peft-internal-testing/tiny-random-OPTForCausalLM]"
 )
 ARGS=()
 for test in "${DESELECT[@]}"; do
