@@ -25,11 +25,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .architectures import OUTPUT, describe
 from .architectures.discovery import Block, base_layer_of
+from .checkpoint import root_model
 from .config import S2FTConfig
 from .linear_like import features, logical_weight
 
@@ -118,7 +118,7 @@ def calibrate_selection(
             f"S2FTConfig.selection='{strategy}' does not read data; calibrate_selection is for "
             f"{', '.join(DATA_DRIVEN)}."
         )
-    root = _root(model)
+    root = root_model(model)
     structure = describe(root)
     blocks = list(structure.attention) + list(structure.ffn)
     statistic = DATA_DRIVEN[strategy]
@@ -153,12 +153,6 @@ def calibrate_selection(
     config.calibration = dict(scores.summary)
     vars(config).pop("_adapter_source", None)  # calibrating asks for a fresh selection, not a folder's
     return scores
-
-
-def _root(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (whose module paths selection uses), or the model itself."""
-    tuner = getattr(model, "base_model", None)
-    return tuner.model if isinstance(tuner, BaseTuner) else model
 
 
 def _weight_signature(module: nn.Module) -> tuple[float, float]:
@@ -208,32 +202,43 @@ def _tokens_in(batch: dict) -> int:
     return ids.numel() if ids is not None else 0
 
 
-class _ActivationSums(contextlib.AbstractContextManager):
-    """Forward pre-hooks on every output projection (or the adapter layer wrapping it: the same input), summing x_c²
-    over non-padding tokens."""
+class _ColumnSums(contextlib.AbstractContextManager):
+    """What both statistics share: per block a running per-column sum, and the hooks that feed it (removed on
+    exit). Each block's module is its output projection, or the adapter layer wrapping it: the same input."""
 
     def __init__(self, root: nn.Module, blocks: list[Block]) -> None:
         self.modules = {b.key: root.get_submodule(b.key) for b in blocks}
         self.totals: dict[str, torch.Tensor] = {}
-        self.mask: torch.Tensor | None = None
         self.tokens = 0
         self.handles = []
-
-    def __enter__(self):
-        for key, module in self.modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._hook(key)))
-        return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
 
+    def add(self, key: str, total: torch.Tensor) -> None:
+        self.totals[key] = total if key not in self.totals else self.totals[key] + total
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {key: total.cpu() for key, total in self.totals.items()}
+
+
+class _ActivationSums(_ColumnSums):
+    """Forward pre-hooks on every output projection, summing x_c² over non-padding tokens."""
+
+    def __init__(self, root: nn.Module, blocks: list[Block]) -> None:
+        super().__init__(root, blocks)
+        self.mask: torch.Tensor | None = None
+
+    def __enter__(self):
+        for key, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._hook(key)))
+        return self
+
     def _hook(self, key: str):
         def hook(module, args):
-            rows = _token_rows(args[0].detach(), self.mask, key).float()
-            total = rows.square().sum(dim=0)
-            self.totals[key] = total if key not in self.totals else self.totals[key] + total
+            self.add(key, _token_rows(args[0].detach(), self.mask, key).float().square().sum(dim=0))
 
         return hook
 
@@ -244,11 +249,8 @@ class _ActivationSums(contextlib.AbstractContextManager):
             model(**batch)
         return 1
 
-    def sums(self) -> dict[str, torch.Tensor]:
-        return {key: total.cpu() for key, total in self.totals.items()}
 
-
-class _GradientSums(contextlib.AbstractContextManager):
+class _GradientSums(_ColumnSums):
     """Per batch, the loss gradient of every output projection's weight, G = sum over tokens of g x^T, from module
     hooks (each projection's input and output gradient), reduced at once to per-column squares.
 
@@ -258,14 +260,11 @@ class _GradientSums(contextlib.AbstractContextManager):
     """
 
     def __init__(self, root: nn.Module, blocks: list[Block]) -> None:
+        super().__init__(root, blocks)
         self.root = root
-        self.modules = {b.key: root.get_submodule(b.key) for b in blocks}
-        self.totals: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.batch_grads: dict[str, torch.Tensor] = {}
         self.embedded: list[torch.Tensor] = []
-        self.tokens = 0
-        self.handles = []
 
     def __enter__(self):
         embeddings = self.root.get_input_embeddings() if hasattr(self.root, "get_input_embeddings") else None
@@ -278,9 +277,7 @@ class _GradientSums(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        super().__exit__(*exc)
         self.inputs.clear()
         self.batch_grads.clear()
         self.embedded.clear()
@@ -332,14 +329,10 @@ class _GradientSums(contextlib.AbstractContextManager):
         self.embedded.clear()
         self.tokens += _tokens_in(batch)
         for key, grad in self.batch_grads.items():
-            total = grad.square().sum(dim=0)
-            self.totals[key] = total if key not in self.totals else self.totals[key] + total
+            self.add(key, grad.square().sum(dim=0))
         self.batch_grads.clear()
         self.inputs.clear()
         return 1
-
-    def sums(self) -> dict[str, torch.Tensor]:
-        return {key: total.cpu() for key, total in self.totals.items()}
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

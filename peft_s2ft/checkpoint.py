@@ -55,10 +55,11 @@ class AdapterMismatchError(ValueError):
     """The adapter file does not fit this base model, or is not a well-formed S2FT adapter."""
 
 
-def refuse_module_like_adapter_names(peft_config: dict, model: nn.Module) -> None:
-    """Adapter names equal to a module path segment silently truncate saved checkpoints (PEFT #3584)."""
-    # The segments of the paths an S2FT checkpoint's keys are made of.
-    segments = {segment for path in describe(model).trainable_paths() for segment in path.split(".")}
+def refuse_module_like_adapter_names(peft_config: dict, segments: set[str]) -> None:
+    """Adapter names equal to a module path segment silently truncate saved checkpoints (PEFT #3584).
+
+    `segments`: those of the paths the method's checkpoint keys are made of.
+    """
     reserved = {"model", "base_model", "base_layer", DELTA, INDICES} | segments
     for name in peft_config:
         if name in reserved:
@@ -392,7 +393,7 @@ def _same_units(current: torch.Tensor, incoming: torch.Tensor) -> bool:
     return set(current.tolist()) == set(incoming.tolist())
 
 
-def _root(model: nn.Module) -> nn.Module:
+def root_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel, or the model itself (adapter injected directly)."""
     tuner = getattr(model, "base_model", None)
     return tuner.model if isinstance(tuner, BaseTuner) else model
@@ -407,7 +408,7 @@ def conform_model_to_checkpoint(
 
     Everything is checked before the first module changes, so a refused file leaves the model as it was.
     """
-    root = _root(model)
+    root = root_model(model)
     checked = checked_file_plan(root, config, state_dict)
     current = {
         name: module

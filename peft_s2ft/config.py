@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
 from .peft_type import S2FTPeftType
 
-SELECTION_STRATEGIES = (
+SelectionStrategy = Literal[
     "random",
     "weight_large",
     "weight_small",
@@ -22,7 +22,8 @@ SELECTION_STRATEGIES = (
     "weight_activation_small",
     "gradient_large",
     "gradient_small",
-)
+]
+SELECTION_STRATEGIES = get_args(SelectionStrategy)
 ALLOCATIONS = ("uniform", "global")
 # The fields (besides target_modules) that decide which heads and channels an adapter trains.
 SELECTION_FIELDS = (
@@ -139,17 +140,7 @@ class S2FTConfig(SelectionFileConfig, PeftConfig):
         default=None,
         metadata={"help": "Fraction in (0, 1] of the FFN channels to train. Overrides the budget for the FFN."},
     )
-    selection: Literal[
-        "random",
-        "weight_large",
-        "weight_small",
-        "activation_large",
-        "activation_small",
-        "weight_activation_large",
-        "weight_activation_small",
-        "gradient_large",
-        "gradient_small",
-    ] = field(
+    selection: SelectionStrategy = field(
         default="random",
         metadata={
             "help": "How heads and channels are chosen: 'random' (seeded, the paper's default S2FT-R); by the "

@@ -251,25 +251,35 @@ class S2FTModel(BaseTuner):
                 "S2FTConfig.permute=True physically reorders the weights for one selection, so it supports a single "
                 "adapter per model. Use permute=False (the default) to combine several adapters."
             )
-        checkpoint.refuse_module_like_adapter_names(self.peft_config, self.model)
+        checkpoint.refuse_module_like_adapter_names(self.peft_config, self._checkpoint_path_segments())
         if BASE in self.peft_config:
             raise ValueError(
                 f"'{BASE}' is reserved: in mixed-adapter batches it names the rows that use no adapter. Choose another "
                 "adapter name."
             )
 
+    def _checkpoint_path_segments(self) -> set[str]:
+        """The segments of the module paths an S2FT checkpoint's keys are made of: the trainable projections'."""
+        return {segment for path in describe(self.model).trainable_paths() for segment in path.split(".")}
+
+    @staticmethod
+    def _file_state_dict(config) -> dict[str, torch.Tensor] | None:
+        """The weights of the folder the config was read from, while its selection fields are as read (a config
+        edited since asks for another selection); None for a fresh selection."""
+        source = getattr(config, "_adapter_source", None)
+        if source is None or source.fingerprint != config.selection_fingerprint():
+            return None
+        return source.read()
+
     def _plan(self, model: nn.Module, config: S2FTConfig) -> Plan:
         """The file's selection when the config came from an adapter folder, else a fresh selection."""
         structure = describe(model)
         if config.permute:
             permutation.check_permutable(model)
-        source = getattr(config, "_adapter_source", None)
-        if source is not None and source.fingerprint != config.selection_fingerprint():
-            source = None  # edited since it was read: the user asks for another selection
         if not hasattr(config, "_loaded_geometry"):
             # What the config said before this injection records this model's: the file's base model, for loads.
             config._loaded_geometry = config.base_geometry
-        state_dict = source.read() if source is not None else None
+        state_dict = self._file_state_dict(config)
         if state_dict is not None:
             checkpoint.check_geometry(config, structure)
             plan = checkpoint.check_checkpoint(model, state_dict)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
-    BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
     _maybe_include_all_linear_layers,
@@ -31,7 +30,6 @@ from . import checkpoint
 from .config import SelectionFileConfig
 from .layer import S2FTLayer, S2FTTunerLayer
 from .linear_like import features, is_linear_like
-from .mixed_batch import BASE
 from .model import Plan, S2FTModel
 from .partial_backprop import COLUMNS
 from .peft_type import PaCAPeftType
@@ -167,41 +165,20 @@ class PaCAModel(S2FTModel):
             peft_config.target_modules = _in_chosen_layers(peft_config, set(peft_config.target_modules) | wrapped)
         return peft_config
 
-    def _check_new_adapter_config(self, config: PaCAConfig) -> None:
-        BaseTuner._check_new_adapter_config(self, config)
-        if any(getattr(c, "permute", False) for c in self.peft_config.values()):
-            raise ValueError(
-                "The model holds an S2FT adapter in permute mode (S2FTConfig.permute=True), which physically reorders "
-                "the weights for its one selection: no other adapter can be added. Use permute=False there."
-            )
-        # The segments of the paths a checkpoint's keys are made of: the model's own modules, not other adapters'
-        # internals (a LoRA's `lora_A.default`).
-        wrapped = [f"{name}." for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
-        segments = {
+    def _checkpoint_path_segments(self) -> set[str]:
+        """Any module of the model can hold a PaCA layer: every path segment, but not other adapters' internals (a
+        LoRA's `lora_A.default`)."""
+        wrapped = tuple(f"{name}." for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer))
+        return {
             segment
             for name, _ in self.model.named_modules()
-            if not name.startswith(tuple(wrapped))
+            if not name.startswith(wrapped)
             for segment in name.split(".")
         }
-        reserved = {"model", "base_model", "base_layer", checkpoint.DELTA, checkpoint.INDICES} | segments
-        for name in self.peft_config:
-            if name in reserved:
-                raise ValueError(
-                    f"Adapter name '{name}' is also the name of a module in the model, which corrupts saved "
-                    "checkpoints (PEFT issue 3584). Choose another adapter name."
-                )
-        if BASE in self.peft_config:
-            raise ValueError(
-                f"'{BASE}' is reserved: in mixed-adapter batches it names the rows that use no adapter. Choose another "
-                "adapter name."
-            )
 
     def _plan(self, model: nn.Module, config: PaCAConfig) -> Plan:
         """The file's columns when the config came from an adapter folder; else filled in as layers are visited."""
-        source = getattr(config, "_adapter_source", None)
-        if source is not None and source.fingerprint != config.selection_fingerprint():
-            source = None  # edited since it was read: the user asks for another selection
-        state_dict = source.read() if source is not None else None
+        state_dict = self._file_state_dict(config)
         self._fresh_plan = state_dict is None
         return {} if state_dict is None else checkpoint.check_column_checkpoint(model, state_dict)
 

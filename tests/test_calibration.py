@@ -10,6 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model,
 
 from peft_s2ft import S2FTConfig, calibrate_selection
 from peft_s2ft.architectures import describe
+from peft_s2ft.calibration import DATA_DRIVEN
 from peft_s2ft.layer import S2FTLayer
 
 ROWS, LENGTH = 3, 9
@@ -163,17 +164,7 @@ def _unit_norms(columns: torch.Tensor, width: int) -> torch.Tensor:
     return columns.double().reshape(-1, width).sum(dim=1).sqrt()
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        "activation_large",
-        "activation_small",
-        "weight_activation_large",
-        "weight_activation_small",
-        "gradient_large",
-        "gradient_small",
-    ],
-)
+@pytest.mark.parametrize("strategy", list(DATA_DRIVEN))
 def test_each_strategy_selects_the_extreme_scores(load, strategy):
     model = load("llama-mha")
     config = S2FTConfig(selection=strategy, heads_per_layer=1, channels_per_layer=5)
@@ -266,15 +257,13 @@ def _calibrated_adapter(load, tmp_path):
     ids = _batches(1, pad=False)[0]["input_ids"]
     with torch.no_grad():
         logits = peft_model(input_ids=ids).logits
-    indices = {
-        n: m.s2ft_indices["default"] for n, m in peft_model.base_model.model.named_modules() if isinstance(m, S2FTLayer)
-    }
-    return ids, logits, indices
+    return ids, logits, _indices(peft_model)
 
 
-def _indices(model) -> dict[str, torch.Tensor]:
+def _indices(model) -> dict[str, list[int]]:
+    """Each S2FT layer's indices of the default adapter, by module path in the transformers model."""
     return {
-        n.removeprefix("base_model.model."): m.s2ft_indices["default"]
+        n.removeprefix("base_model.model."): m.s2ft_indices["default"].tolist()
         for n, m in model.named_modules()
         if isinstance(m, S2FTLayer)
     }
@@ -286,7 +275,7 @@ def test_the_file_holds_the_selection_so_loading_needs_no_data(load, tmp_path):
     tokens = sum(int(b["attention_mask"].sum()) for b in _batches())
     assert saved.calibration == {"statistic": "activation", "batches": 2, "tokens": tokens}
     loaded = PeftModel.from_pretrained(load("llama-gqa"), tmp_path)
-    assert {k: v.tolist() for k, v in _indices(loaded).items()} == {k: v.tolist() for k, v in indices.items()}
+    assert _indices(loaded) == indices
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=0, atol=0)
 
@@ -295,7 +284,7 @@ def test_transformers_load_adapter_takes_the_file_selection(load, tmp_path):
     ids, logits, indices = _calibrated_adapter(load, tmp_path)
     model = load("llama-gqa")
     model.load_adapter(str(tmp_path))
-    assert {k: v.tolist() for k, v in _indices(model).items()} == {k: v.tolist() for k, v in indices.items()}
+    assert _indices(model) == indices
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
 
@@ -344,9 +333,9 @@ def test_calibrating_a_read_config_asks_for_a_fresh_selection(load, tmp_path):
     assert "_adapter_source" not in vars(config)
     reference = S2FTConfig(selection="activation_small", init_weights=False)
     calibrate_selection(load("llama-gqa"), reference, other_batches, progress=False)
-    expected = {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), reference)).items()}
-    assert expected != {k: v.tolist() for k, v in file_indices.items()}  # else the test could not tell
-    assert {k: v.tolist() for k, v in _indices(get_peft_model(load("llama-gqa"), config)).items()} == expected
+    expected = _indices(get_peft_model(load("llama-gqa"), reference))
+    assert expected != file_indices  # else the test could not tell
+    assert _indices(get_peft_model(load("llama-gqa"), config)) == expected
 
 
 def test_the_readme_snippet_runs(load):

@@ -284,3 +284,13 @@ def test_layers_to_transform_restricts_all_linear(load):
     """PEFT ignores layers_to_transform for full module paths, which is what 'all-linear' expands to."""
     layers = _layers(get_peft_model(load("llama-gqa"), PaCAConfig(r=2, layers_to_transform=[1])))
     assert sorted(layers) == sorted(f"model.layers.1.{p}" for p in LINEAR_PER_LAYER)
+
+
+def test_no_paca_adapter_beside_an_s2ft_adapter_in_permute_mode(load):
+    from peft_s2ft import S2FTConfig
+
+    model = load("llama-gqa")
+    model.add_adapter(S2FTConfig(permute=True), adapter_name="s2ft")
+    with pytest.raises(ValueError, match=r"permute=True .* supports a single adapter per model"):
+        model.add_adapter(PaCAConfig(r=2, target_modules=["q_proj"]), adapter_name="paca")
+    assert not any(isinstance(m, S2FTLayer) and "paca" in m.s2ft_delta for m in model.modules())
