@@ -269,16 +269,18 @@ def calibrate_on_training_rows(
 
 
 def _accepts(model: Any, argument: str) -> bool:
-    """Whether the wrapped model's forward takes `argument` (most transformers causal LMs take logits_to_keep)."""
+    """Whether the (wrapped) model's forward takes `argument` (most transformers causal LMs take logits_to_keep)."""
     import inspect
 
-    return argument in inspect.signature(model.get_base_model().forward).parameters
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(inner.forward).parameters
 
 
 def train_adapter(
-    model: Any, rows: list[dict], args: argparse.Namespace, pad_token_id: int
+    model: Any, rows: list[dict], args: argparse.Namespace, pad_token_id: int, trainer_class: Any = None
 ) -> tuple[float, float, Any]:
-    """Train with transformers.Trainer; returns wall and CPU seconds spent and the last logged training loss.
+    """Train with transformers.Trainer (or `trainer_class`, a subclass adding a loss term, as the quality study's
+    SORSA baseline does); returns wall and CPU seconds spent and the last logged training loss.
 
     CPU seconds (all threads of this process) tell how much work training was on a machine shared with
     other jobs, where wall time mostly tells how busy the machine was.
@@ -311,7 +313,9 @@ def train_adapter(
         disable_tqdm=False,
     )
     collator = CompletionCollator(pad_token_id, trim_logits=_accepts(model, "logits_to_keep"))
-    trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(rows), data_collator=collator)
+    trainer = (trainer_class or Trainer)(
+        model=model, args=training_args, train_dataset=Dataset.from_list(rows), data_collator=collator
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
