@@ -250,6 +250,14 @@ class S2FTConfig(SelectionFileConfig, PeftConfig):
             "help": "Modules apart from the adapter layers that are fully trained and saved (e.g. a classifier)."
         },
     )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Rows of an embedding to train besides the adapter, as LoRA's field of the same name (PEFT's "
+            "TrainableTokens): a list of token ids for the input embedding, or {embedding module name: ids}. TRL sets "
+            "it for tokens it adds to the vocabulary; only those rows are trained and saved."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
