@@ -102,3 +102,18 @@ def test_the_trl_example_runs_on_the_embedded_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reloaded: S2FTConfig" in done.stdout
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_trainer_example_runs_on_the_embedded_model(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "trainer_train.py"
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "2", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the reload reproduces the trained logits: True" in done.stdout
+    assert (out / "adapter_model.safetensors").is_file()
