@@ -95,8 +95,9 @@ def storage_bytes(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def quantized_storage(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Per quantized linear layer (named as in the base model, wrapped or not), its storage."""
     return {
-        name: storage_bytes(m)
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): storage_bytes(m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and not isinstance(m, QuantizedS2FTLayer) and name.split(".")[-1] != "lm_head"
     }
