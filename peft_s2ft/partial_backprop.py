@@ -240,7 +240,8 @@ class BasePlusSparseDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        deltas, indices, saved_inputs = _restore_saved(ctx, ctx.saved_tensors)
+        stored = ctx.saved_tensors  # once: non-reentrant checkpointing allows one unpack
+        deltas, indices, saved_inputs = _restore_saved(ctx, stored)
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -250,7 +251,7 @@ class BasePlusSparseDelta(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
         grad_deltas = _delta_grads(g, ctx.spec, indices, deltas, saved_inputs)
-        index_count = len(ctx.saved_tensors) - len(ctx.spec) - len(ctx.input_slots)
+        index_count = len(stored) - len(ctx.spec) - len(ctx.input_slots)
         return (grad_x, None, None, grad_bias, None, *grad_deltas, *([None] * index_count))
 
 

@@ -151,6 +151,28 @@ def test_training_changes_only_the_deltas_and_never_the_quantized_storage(tiny_d
     assert_same_storage(storage, quantized_storage(model))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_step(tiny_dir, backend, reentrant):
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = prepare_model_for_kbit_training(load_quantized(tiny_dir, backend), use_gradient_checkpointing=False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        config = peft_s2ft.S2FTConfig(
+            task_type="CAUSAL_LM", heads_per_layer=1, channels_per_layer=8, init_weights=False
+        )
+        torch.manual_seed(0)  # the same random initial deltas (init_weights=False) in both models
+        model = get_peft_model(model, config).train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
 def _layer_and_input(tiny_dir, backend, seed=0):
     model = qs2ft(tiny_dir, backend).train()
     layer = quantized_layers(model)["base_model.model.model.layers.1.mlp.down_proj"]
