@@ -431,7 +431,10 @@ class S2FTModel(BaseTuner):
     # serving
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """`adapter_names=[...]`: one adapter (or "__base__") per row of the batch; see mixed_batch.py."""
+        """`adapter_names=[...]`: one adapter (or "__base__") per row of the batch; see mixed_batch.py. A training
+        forward first refuses 4-bit layers that bitsandbytes repacked for CPU inference (see quantized.py)."""
+        if self.model.training and torch.is_grad_enabled():
+            quantized.refuse_training_on_cpu_repacked_4bit(self.model)
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield

@@ -291,6 +291,23 @@ def refuse_permute(model: nn.Module) -> None:
             )
 
 
+def refuse_training_on_cpu_repacked_4bit(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weight for CPU inference at its first eval-mode forward without
+    gradients on an AVX512-BF16 CPU, and a repacked layer no longer back-propagates to its input: training then would
+    silently compute wrong gradients for every adapter (a LoRA's too). Refuse before such a step."""
+    if _loaded("bitsandbytes") is None:
+        return
+    for path, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False) and _is_bnb_4bit(module):
+            raise RuntimeError(
+                f"bitsandbytes repacked the 4-bit weight of '{path}' for CPU inference (an eval-mode forward without "
+                "gradients on an AVX512-BF16 CPU); a repacked layer no longer passes gradients to its input, so this "
+                "training step would compute wrong gradients. Save the adapter, reload the 4-bit base and the adapter "
+                "(PeftModel.from_pretrained(..., is_trainable=True)), and train before evaluating in eval mode."
+            )
+
+
 def warn_rounding(fmt: QuantizedFormat, action: str) -> None:
     """What PEFT's LoRA says when it merges into a quantized weight; unmerging is exact here, merging is not."""
     warnings.warn(
@@ -310,5 +327,6 @@ __all__ = [
     "is_quantized",
     "recipe_of",
     "refuse_permute",
+    "refuse_training_on_cpu_repacked_4bit",
     "warn_rounding",
 ]

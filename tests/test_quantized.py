@@ -398,6 +398,29 @@ def test_a_4bit_weight_repacked_for_cpu_inference_is_still_read_and_merged(tiny_
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed ([quant] extra)")
+def test_training_after_bitsandbytes_repacked_the_4bit_weights_for_cpu_inference_is_refused(tiny_dir):
+    """A repacked bitsandbytes 4-bit layer passes no gradient to its input (bitsandbytes 0.50), which would make
+    every gradient below it wrong without a word; the training forward refuses instead."""
+    model = qs2ft(tiny_dir, "nf4")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16; this one did not")
+    x = torch.randn(2, q_proj.in_features, requires_grad=True)
+    q_proj.train()
+    q_proj(x).sum().backward()
+    assert x.grad is None  # the reason: no input gradient through the repacked layer
+    model.train()
+    with pytest.raises(RuntimeError, match="repacked the 4-bit weight of 'model.layers.0.self_attn.q_proj'"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model(input_ids=ids)  # serving is unaffected
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed ([quant] extra)")
 def test_paca_trains_columns_of_every_4bit_linear_layer(tiny_dir):
     model = get_peft_model(
         prepare_model_for_kbit_training(load_quantized(tiny_dir, "nf4")),
