@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import subprocess
+import sys
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -476,3 +479,19 @@ def test_a_trainable_quantized_weight_is_refused_at_the_forward(tiny_dir):
     layer.base_layer.weight.requires_grad_(True)  # torchao's tensor reports a float dtype, so torch allows it
     with pytest.raises(ValueError, match="cannot be trained"):
         layer(x)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed ([quant] extra)")
+def test_the_qs2ft_example_runs_on_the_embedded_model(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "qs2ft_train.py"
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "1", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reloaded onto a fresh 4-bit base: 60 QS2FT layers" in done.stdout  # O and down of 30 layers
+    assert (out / "adapter_model.safetensors").is_file()
