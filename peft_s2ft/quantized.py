@@ -295,7 +295,7 @@ def refuse_training_on_cpu_repacked_4bit(model: nn.Module) -> None:
     """bitsandbytes (0.50) repacks a 4-bit layer's weight for CPU inference at its first eval-mode forward without
     gradients on an AVX512-BF16 CPU, and a repacked layer no longer back-propagates to its input: training then would
     silently compute wrong gradients for every adapter (a LoRA's too). Refuse before such a step."""
-    if _loaded("bitsandbytes") is None:
+    if _loaded("bitsandbytes") is None or torch.compiler.is_compiling():
         return
     for path, module in model.named_modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
