@@ -8,6 +8,7 @@ possible step, all weights frozen and only input gradients back-propagated (see 
     python benchmarks/efficiency.py --model smollm2-135m,llama-1b-shape --seq-len 256,1024 --batch 4 \\
         --output results.json --plot results.png
     python benchmarks/efficiency.py --model mixtral-shape --seq-len 256 --batch 4 --output mixtral.json
+    python benchmarks/efficiency.py --methods qlimit,qlora,qs2ft   # on an nf4 base (QLoRA vs QS2FT)
 
 Random-init shapes of other families (`benchmarks/models.py`: phi3-shape, gpt2-shape, gpt-neox-shape, bert-shape,
 mixtral-shape, and tiny-* versions) train under their family's task (BERT: sequence classification, with its
@@ -34,9 +35,11 @@ import torch
 
 from benchmarks.measure import StepTimes, adapter_file_bytes, instrumented_step, timed_step
 from benchmarks.methods import (
+    ALL_METHODS,
     LORA_METHODS,
     MATCHED_METHODS,
     METHODS,
+    QUANTIZED_METHODS,
     Trainee,
     copy_for,
     lora_targets,
@@ -66,7 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Cap batch x seq-len: the batch shrinks for long sequences (at least 1).",
     )
     parser.add_argument("--repeats", type=int, help="Timed steps per method and shape (default 4).")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma list (default: all).")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"Comma list (default: every method on the float base; also {', '.join(QUANTIZED_METHODS)}).",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--lora-rank", type=int, help="Fixed LoRA rank instead of matching S2FT's budget.")
@@ -85,9 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    unknown = set(_split(args.methods)) - set(METHODS)
+    unknown = set(_split(args.methods)) - set(ALL_METHODS)
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}.")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}.")
     return args
 
 

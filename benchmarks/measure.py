@@ -261,7 +261,7 @@ def instrumented_step(trainee: Trainee, ids: torch.Tensor) -> StepFigures:
 
 def adapter_file_bytes(trainee: Trainee) -> int:
     """What a method ships: the adapter file for PEFT methods, the whole weights for full fine-tuning."""
-    if trainee.method == "limit":
+    if trainee.method in ("limit", "qlimit"):
         return 0
     if trainee.method == "full":
         return sum(_distinct_storages(iter(trainee.model.parameters())).values())

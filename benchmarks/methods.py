@@ -19,7 +19,12 @@ from torch import nn
 from peft_s2ft.train.lora_baseline import PAPER_LORA_TARGETS, lora_config
 
 METHODS = ("limit", "full", "lora", "lora-all", "lora-experts", "s2ft", "s2ft-permute", "paca")
-LORA_METHODS = ("lora", "lora-all", "lora-experts")
+# On a 4-bit (bitsandbytes nf4, float32 compute) copy of the base, asked for by name (--methods): the quantized
+# lower bound (every weight frozen), QLoRA (LoRA's paper targets) and QS2FT (the default S2FT). Their ratios are
+# to `qlimit` (report.py). Needs the [quant] extra.
+QUANTIZED_METHODS = ("qlimit", "qlora", "qs2ft")
+ALL_METHODS = (*METHODS, *QUANTIZED_METHODS)
+LORA_METHODS = ("lora", "lora-all", "lora-experts", "qlora")
 # Methods whose size is a rank-like count matched to S2FT's trainable parameters: LoRA's rank, PaCA's r.
 MATCHED_METHODS = (*LORA_METHODS, "paca")
 
@@ -107,10 +112,34 @@ class Trainee:
 
 def copy_for(method: str, base: nn.Module) -> nn.Module:
     """A copy of `base` (whose weights must be frozen) that `method` may turn into its trainee."""
+    if method in QUANTIZED_METHODS:
+        return quantized_copy(base)
     if method in WRITES_BASE_WEIGHTS:
         return copy.deepcopy(base)
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     return copy.deepcopy(base, memo=shared)
+
+
+def quantized_copy(base: nn.Module) -> nn.Module:
+    """`base` quantized to nf4 by transformers (saved and reloaded with a BitsAndBytesConfig, as a user loads a
+    QLoRA base), float32 compute, then `prepare_model_for_kbit_training` without gradient checkpointing (which
+    no other method here uses)."""
+    import tempfile
+
+    import transformers
+    from peft import prepare_model_for_kbit_training
+
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        base.save_pretrained(folder)
+        auto_class = type(base).__name__
+        loader = getattr(transformers, auto_class, transformers.AutoModelForCausalLM)
+        model = loader.from_pretrained(folder, quantization_config=quantization).to(base.device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+    return model.train()
 
 
 def s2ft_config(method: str, task_type: str = "CAUSAL_LM"):
@@ -130,7 +159,7 @@ def s2ft_trainable_count(base: nn.Module, task_type: str = "CAUSAL_LM") -> int:
 
 def lora_targets(model: nn.Module, method: str) -> LoraTargets | None:
     """The targets of LoRA method `method` on `model`'s family, or None where the method does not apply."""
-    return LORA_TARGETS.get(model.config.model_type, _LLAMA).get(method)
+    return LORA_TARGETS.get(model.config.model_type, _LLAMA).get("lora" if method == "qlora" else method)
 
 
 def method_lora_config(rank: int, targets: LoraTargets, task_type: str = "CAUSAL_LM"):
@@ -160,7 +189,8 @@ def _config_of(method: str, base: nn.Module, rank: int, task_type: str):
 def _trainable_count(base: nn.Module, method: str, rank: int, task_type: str) -> int:
     import peft
 
-    model = peft.get_peft_model(copy_for(method, base), _config_of(method, base, rank, task_type))
+    # QLoRA trains what LoRA trains on the same targets: count on a float copy instead of quantizing twice.
+    model = peft.get_peft_model(copy_for("lora", base), _config_of(method, base, rank, task_type))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -189,7 +219,7 @@ def prepare(
     import peft
 
     rank = None
-    if method == "limit":
+    if method in ("limit", "qlimit"):
         model.requires_grad_(False)
         feed = "embeds"
     elif method == "full":
@@ -203,7 +233,7 @@ def prepare(
             raise ValueError(f"{method} needs a LoRA rank.")
         rank = lora_rank
         model, feed = peft.get_peft_model(model, method_lora_config(rank, targets, task_type)), peft_feed
-    elif method in ("s2ft", "s2ft-permute"):
+    elif method in ("s2ft", "s2ft-permute", "qs2ft"):
         model, feed = peft.get_peft_model(model, s2ft_config(method, task_type)), peft_feed
     elif method == "paca":
         if lora_rank is None:
@@ -211,7 +241,7 @@ def prepare(
         rank = lora_rank
         model, feed = peft.get_peft_model(model, paca_config(rank, task_type)), peft_feed
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}.")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE) if params else None
     return Trainee(method, model.train(), optimizer, feed, rank, task_type)

@@ -12,11 +12,17 @@ GROUP_FIELDS = ("model", "batch", "seq_len", "dtype", "device")
 MIB = 2**20
 
 
+# Methods on a quantized base are compared with the quantized lower bound, the others with `limit`.
+REFERENCE = {"qlimit": "qlimit", "qlora": "qlimit", "qs2ft": "qlimit"}
+
+
 def add_ratios(records: list[dict]) -> None:
-    """Add ratios to the `limit` record of the same group; None where there is no limit or it is zero."""
-    limits = {tuple(r[f] for f in GROUP_FIELDS): r for r in records if r["method"] == "limit"}
+    """Add ratios to the reference record (`limit`, or `qlimit` for methods on a quantized base) of the same group;
+    None where there is no reference or it is zero."""
+    limits = {(r["method"], *(r[f] for f in GROUP_FIELDS)): r for r in records if r["method"] in ("limit", "qlimit")}
     for record in records:
-        limit = limits.get(tuple(record[f] for f in GROUP_FIELDS))
+        reference = REFERENCE.get(record["method"], "limit")
+        limit = limits.get((reference, *(record[f] for f in GROUP_FIELDS)))
         for field in RATIO_FIELDS:
             base = limit[field] if limit else None
             record[f"{field}_ratio"] = record[field] / base if base else None

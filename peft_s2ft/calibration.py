@@ -31,7 +31,7 @@ from .architectures import OUTPUT, describe
 from .architectures.discovery import Block, base_layer_of
 from .checkpoint import root_model
 from .config import S2FTConfig
-from .linear_like import features, logical_weight
+from .linear_like import features, readable_weight, weight_values
 
 # Strategy -> the statistic its scores need.
 DATA_DRIVEN = {
@@ -88,6 +88,7 @@ class CalibrationScores:
         columns = span.positions(torch.arange(block.num_units))
         per_column = self.columns[block.key].double().index_select(0, columns)
         if strategy.startswith("weight_activation"):
+            output_weight = weight_values(output_weight)
             weight = output_weight.detach().double().index_select(1, columns.to(output_weight.device))
             per_column = per_column * weight.square().sum(dim=0).cpu()
         scores = per_column.reshape(block.num_units, span.width).sum(dim=1).sqrt()
@@ -157,7 +158,7 @@ def calibrate_selection(
 
 def _weight_signature(module: nn.Module) -> tuple[float, float]:
     """A cheap fingerprint of a projection's weight (sum and absolute sum of its first two output rows)."""
-    rows = logical_weight(module)[:2].detach().double()
+    rows = weight_values(readable_weight(module))[:2].detach().double()
     return rows.sum().item(), rows.abs().sum().item()
 
 

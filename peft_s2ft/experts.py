@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import quantized
 from .layer import S2FTTunerLayer
 from .mixed_batch import GROUPS_KWARG, RowGroups, current_groups
 from .partial_backprop import _compute_dtype
@@ -371,6 +372,8 @@ class S2FTExpertsLayer(S2FTTunerLayer):
         self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor, init_weights: bool = True
     ) -> None:
         super().__init__()
+        for name, tensor in base_layer.named_parameters(recurse=False):
+            quantized.check_plain(tensor, f"the fused experts' {name} ({type(base_layer).__name__})")
         self.layout = ExpertsLayout.from_module(base_layer)
         self.base_layer = base_layer
         self.num_experts, self.hidden_size, self.intermediate_size = self.layout.dims(base_layer)

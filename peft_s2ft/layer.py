@@ -9,9 +9,10 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from . import quantized
 from .linear_like import features, is_linear_like, logical_weight
 from .mixed_batch import GROUPS_KWARG, RowGroups, add_rows_contribution, current_groups
-from .partial_backprop import COLUMNS, ROWS, sparse_delta_linear
+from .partial_backprop import COLUMNS, ROWS, base_plus_sparse_delta, sparse_delta_linear
 
 
 class S2FTTunerLayer(nn.Module, BaseTunerLayer):
@@ -142,7 +143,7 @@ class S2FTLayer(S2FTTunerLayer):
     ) -> None:
         weight = self.get_base_layer().weight
         indices = self._checked_indices(adapter_name, indices)
-        delta = torch.zeros(self.delta_shape(len(indices)), dtype=weight.dtype, device=weight.device)
+        delta = torch.zeros(self.delta_shape(len(indices)), dtype=self._delta_dtype(), device=weight.device)
         self._init_weights[adapter_name] = init_weights
         # Adapters follow the base weight's dtype; PEFT upcasts half precision later unless told not to.
         self.s2ft_delta[adapter_name] = nn.Parameter(delta)
@@ -163,6 +164,9 @@ class S2FTLayer(S2FTTunerLayer):
         if len(torch.unique(indices)) != len(indices):
             raise ValueError(f"S2FT indices for adapter '{adapter_name}' contain duplicates.")
         return indices
+
+    def _delta_dtype(self) -> torch.dtype:
+        return self.get_base_layer().weight.dtype
 
     def _index_device(self) -> torch.device:
         return self.get_base_layer().weight.device
@@ -272,11 +276,14 @@ class S2FTLayer(S2FTTunerLayer):
                 "weight is stored permuted, so that method would compute on the wrong rows or columns. Combine "
                 "methods with S2FT's default mode (permute=False), or merge one of them first."
             )
-        base = self.get_base_layer()
         # Permute mode has one adapter, whose block sits at a contiguous range; otherwise each adapter's indices.
         spec = tuple((self.axis, self.block_range) for _ in active)
         deltas = [self.s2ft_delta[name] for name in active]
         indices = [] if self.block_range is not None else [self.s2ft_indices[name] for name in active]
+        return self._adapted_forward(x, spec, deltas, indices, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, spec, deltas, indices, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
         return sparse_delta_linear(x, logical_weight(base), base.bias, spec, *deltas, *indices)
 
     def _mixed_batch_forward(self, x: torch.Tensor, groups: RowGroups, *args, **kwargs) -> torch.Tensor:
@@ -309,6 +316,92 @@ class S2FTLayer(S2FTTunerLayer):
         return f"axis={'columns' if self.axis == COLUMNS else 'rows'}"
 
 
+class QuantizedS2FTLayer(S2FTLayer):
+    """S2FT on a quantized linear layer (QS2FT; the storage is described in quantized.py).
+
+    The quantized weight is never written by forward or backward: the forward calls the quantized layer itself and
+    adds each delta's contribution, the backward takes the input gradient from the dequantized weight (transiently)
+    and saves only x[..., S]. Deltas are float32 parameters. Merging dequantizes, adds the deltas and requantizes
+    (with PEFT's rounding warning) and keeps the original quantized storage, so unmerging restores it exactly.
+    """
+
+    def __init__(self, base_layer: nn.Linear, *args, **kwargs) -> None:
+        self.quantization = quantized.format_of(base_layer)
+        super().__init__(base_layer, *args, **kwargs)
+        # The model's quantization config, which torchao needs to requantize merged values (set by the tuner).
+        self.quantization_recipe = None
+        self._merge_storage: dict[str, tuple] = {}  # per merged adapter, the quantized storage it replaced
+
+    def _delta_dtype(self) -> torch.dtype:
+        return quantized.DELTA_DTYPE
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), dequantized into a new tensor (the stored weight is not touched)."""
+        return self.quantization.dequantize(self.get_base_layer())
+
+    def base_weight(self) -> torch.Tensor:
+        raise TypeError(
+            f"The base weight of this S2FT layer is stored quantized ({self.quantization.name}); read it with "
+            "dequantized_weight()."
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense (out, in) delta in the deltas' dtype (float32), zero outside the adapter's columns (rows)."""
+        delta = self.s2ft_delta.get(adapter_name)
+        if delta is None:
+            self.supports_lora_conversion(adapter_name)
+            return torch.zeros(self.out_features, self.in_features, dtype=quantized.DELTA_DTYPE)
+        dense = torch.zeros(self.out_features, self.in_features, dtype=delta.dtype, device=delta.device)
+        dense.index_copy_(self.dim, self.s2ft_indices[adapter_name].to(delta.device), delta.detach())
+        return dense
+
+    def _base_input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out @ W with W dequantized for this product only (as bitsandbytes' own backward does)."""
+        return grad_out @ self.dequantized_weight().to(device=grad_out.device, dtype=grad_out.dtype)
+
+    def _adapted_forward(self, x: torch.Tensor, spec, deltas, indices, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if base.weight.requires_grad:
+            raise ValueError(
+                f"The quantized weight of this layer ({self.quantization.name}) requires grad, but a quantized weight "
+                "cannot be trained: freeze it (peft.prepare_model_for_kbit_training does) and train the S2FT delta."
+            )
+
+        def frozen(inputs: torch.Tensor) -> torch.Tensor:
+            return base(inputs, *args, **kwargs)
+
+        return base_plus_sparse_delta(x, frozen, self._base_input_grad, base.bias, spec, *deltas, *indices)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.s2ft_delta]
+        if adapter_names:
+            quantized.warn_rounding(self.quantization, "Merging")
+        base = self.get_base_layer()
+        for name in adapter_names:
+            values = self.dequantized_weight()
+            wide = torch.promote_types(values.dtype, quantized.DELTA_DTYPE)
+            delta = self.s2ft_delta[name].detach().to(device=values.device, dtype=wide)
+            merged = values.to(wide).index_add_(self.dim, self.s2ft_indices[name].to(values.device), delta)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            storage = self.quantization.storage(base)
+            self.quantization.quantize(base, merged.to(values.dtype), self.quantization_recipe)
+            self._merge_storage[name] = storage
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.quantization.restore(base, self._merge_storage.pop(name))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quantized={self.quantization.name}"
+
+
 def attach(
     parent: nn.Module, child_name: str, adapter_name: str, axis: str, indices: torch.Tensor, init_weights: bool
 ) -> S2FTLayer:
@@ -324,9 +417,10 @@ def attach(
             )
         target.update_layer(adapter_name, indices, init_weights)
         return target
-    layer = S2FTLayer(target, adapter_name, axis, indices, init_weights)
+    layer_class = QuantizedS2FTLayer if quantized.is_quantized(target) else S2FTLayer
+    layer = layer_class(target, adapter_name, axis, indices, init_weights)
     setattr(parent, child_name, layer)
     return layer
 
 
-__all__ = ["S2FTLayer", "S2FTTunerLayer", "COLUMNS", "ROWS", "attach"]
+__all__ = ["S2FTLayer", "S2FTTunerLayer", "QuantizedS2FTLayer", "COLUMNS", "ROWS", "attach"]

@@ -1,11 +1,14 @@
 """The layers S2FT trains: `nn.Linear` (and subclasses such as Falcon's) and transformers' `Conv1D` (GPT-2),
-which stores its weight transposed, (in, out). Everything else in the package sees both as (out, in)."""
+which stores its weight transposed, (in, out). Everything else in the package sees both as (out, in). A linear
+layer with a quantized weight (quantized.py) is read through `readable_weight`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .quantized import QuantizedWeight, format_of
 
 LinearLike = nn.Linear | Conv1D
 
@@ -31,3 +34,15 @@ def weight_dim(module: LinearLike, side: str) -> int:
     """The stored weight's dimension holding output rows ("out") or input columns ("in")."""
     transposed = isinstance(module, Conv1D)
     return (1 if transposed else 0) if side == "out" else (0 if transposed else 1)
+
+
+def readable_weight(module: LinearLike) -> torch.Tensor | QuantizedWeight:
+    """The weight as (out, in) for reading: `logical_weight` for a float weight, a `QuantizedWeight` (shape now,
+    values dequantized on demand) for a quantized one."""
+    fmt = format_of(module)
+    return logical_weight(module) if fmt is None else QuantizedWeight(module, fmt)
+
+
+def weight_values(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """The values of a `readable_weight`: the tensor itself, or the quantized weight dequantized."""
+    return weight.values() if isinstance(weight, QuantizedWeight) else weight

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from . import checkpoint, fusion, permutation
+from . import checkpoint, fusion, permutation, quantized
 from .architectures import (
     DOWN,
     EXPERTS,
@@ -28,8 +28,8 @@ from .architectures.description import KV_GROUP
 from .architectures.discovery import base_layer_of
 from .calibration import needs_calibration
 from .config import S2FTConfig, SelectionFileConfig
-from .layer import S2FTTunerLayer
-from .linear_like import logical_weight
+from .layer import QuantizedS2FTLayer, S2FTTunerLayer
+from .linear_like import readable_weight
 from .mixed_batch import BASE, mixed_batch_hooks
 from .overlap import units_of
 from .peft_type import PREFIX
@@ -151,7 +151,7 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
             f"({experts[0].key} and {len(experts) - 1} more): set train_up=False, or leave the experts out of "
             "target_modules to train up rows of the dense FFNs only."
         )
-    weights = {b.key: logical_weight(base_layer_of(model.get_submodule(b.key))) for b in attention + ffn}
+    weights = {b.key: readable_weight(base_layer_of(model.get_submodule(b.key))) for b in attention + ffn}
     weights |= {b.key: base_layer_of(model.get_submodule(b.key)).down_proj for b in experts}
     if config.selection != "random" and any(w.is_meta for w in weights.values()):
         raise ValueError(
@@ -275,6 +275,7 @@ class S2FTModel(BaseTuner):
         """The file's selection when the config came from an adapter folder, else a fresh selection."""
         structure = describe(model)
         if config.permute:
+            quantized.refuse_permute(model)
             permutation.check_permutable(model)
         if not hasattr(config, "_loaded_geometry"):
             # What the config said before this injection records this model's: the file's base model, for loads.
@@ -349,10 +350,14 @@ class S2FTModel(BaseTuner):
 
     def _record_adapters_on_layers(self, model: nn.Module) -> None:
         """Every S2FT layer sees the model's adapter configs, so `supports_lora_conversion` (PEFT's convert_to_lora)
-        can tell another adapter's name (a zero delta on this layer) from one the model does not have."""
+        can tell another adapter's name (a zero delta on this layer) from one the model does not have; a layer on a
+        quantized weight gets the model's quantization config, with which torchao requantizes merged values."""
+        recipe = quantized.recipe_of(model)
         for module in model.modules():
             if isinstance(module, S2FTTunerLayer):
                 module._model_peft_config = self.peft_config
+            if isinstance(module, QuantizedS2FTLayer):
+                module.quantization_recipe = recipe
 
     def _attach_unvisited(self, model: nn.Module, adapter_name: str, config: S2FTConfig) -> None:
         """Layers of a file's plan that `target_modules` does not name (the file is the truth)."""
@@ -426,7 +431,10 @@ class S2FTModel(BaseTuner):
     # serving
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """`adapter_names=[...]`: one adapter (or "__base__") per row of the batch; see mixed_batch.py."""
+        """`adapter_names=[...]`: one adapter (or "__base__") per row of the batch; see mixed_batch.py. A training
+        forward first refuses 4-bit layers that bitsandbytes repacked for CPU inference (see quantized.py)."""
+        if self.model.training and torch.is_grad_enabled():
+            quantized.refuse_training_on_cpu_repacked_4bit(self.model)
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield

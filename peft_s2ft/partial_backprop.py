@@ -10,6 +10,9 @@ or when the user made W itself trainable) and never computes a gradient for a fr
 A delta's positions are an index tensor (default mode) or a contiguous range (permute mode, where the
 co-permutation made the block contiguous): a range is read as a view of x and accumulated straight into a view
 of the output, with no gather or scatter.
+
+A quantized base layer (quantized.py) has no float weight to pass: `BasePlusSparseDelta` calls the layer itself for
+the frozen part and takes the input gradient `grad_y W` from a callable that dequantizes W, saving the same.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def _add_product_to_columns(out: torch.Tensor, where: Range, index, a: torch.Ten
 def _delta_linear(x2: torch.Tensor, weight, bias, spec, deltas, indices, dtype) -> tuple[torch.Tensor, list]:
     """The 2-D output and, per column delta, the input columns it read (None for row deltas)."""
     out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return out, _add_deltas(out, x2, spec, deltas, indices, dtype)
+
+
+def _add_deltas(out: torch.Tensor, x2: torch.Tensor, spec, deltas, indices, dtype) -> list:
+    """Accumulate every delta's contribution into the 2-D output in place; per column delta, the input columns it
+    read (None for row deltas)."""
     selected_inputs = []
     for (axis, where), index, delta in zip(spec, indices, deltas, strict=True):
         if axis == COLUMNS:
@@ -70,7 +79,7 @@ def _delta_linear(x2: torch.Tensor, weight, bias, spec, deltas, indices, dtype) 
         else:
             _add_product_to_columns(out, where, index, x2, delta.to(dtype).t())
             selected_inputs.append(None)
-    return out, selected_inputs
+    return selected_inputs
 
 
 def sparse_delta_linear(x, weight, bias, spec, *tensors) -> torch.Tensor:
@@ -107,15 +116,7 @@ class SparseDeltaLinear(torch.autograd.Function):
             # .to() returns the tensor itself when it already has the dtype: no copy on the common path.
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             out, selected_inputs = _delta_linear(x2, weight, bias, spec, deltas, indices, dtype)
-            saved_inputs = []
-            for (axis, _), selected, wants_grad in zip(spec, selected_inputs, wants_delta_grad, strict=True):
-                if not wants_grad:
-                    saved_inputs.append(None)
-                elif axis == COLUMNS:
-                    # A range is a view of x: keep a copy of just those columns, not all of x alive.
-                    saved_inputs.append(selected.contiguous())
-                else:
-                    saved_inputs.append(x2)
+            saved_inputs = _inputs_to_save(spec, selected_inputs, wants_delta_grad, x2)
         ctx.spec, ctx.x_shape, ctx.x_dtype, ctx.dtype = spec, x.shape, x.dtype, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.input_slots = [i for i, t in enumerate(saved_inputs) if t is not None]
@@ -138,25 +139,120 @@ class SparseDeltaLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight.to(ctx.dtype)
-            for (axis, where), index, delta in zip(spec, indices, deltas, strict=True):
-                if axis == COLUMNS:
-                    _add_product_to_columns(grad_x, where, index, g, delta.to(ctx.dtype))
-                else:
-                    grad_x.addmm_(_columns(g, where, index), delta.to(ctx.dtype))
+            _add_delta_input_grads(grad_x, g, spec, indices, deltas, ctx.dtype)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (g.t() @ inputs[-1]).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-
-        grad_deltas = []
-        for (axis, where), index, delta, saved in zip(spec, indices, deltas, saved_inputs, strict=True):
-            if saved is None:
-                grad_deltas.append(None)
-                continue
-            grad_block_out = g if axis == COLUMNS else _columns(g, where, index)
-            grad_deltas.append((grad_block_out.t() @ saved).to(delta.dtype))
+        grad_deltas = _delta_grads(g, spec, indices, deltas, saved_inputs)
         return (grad_x, grad_weight, grad_bias, None, *grad_deltas, *([None] * index_count))
+
+
+def _inputs_to_save(spec, selected_inputs, wants_delta_grad, x2: torch.Tensor) -> list:
+    """Per delta, what its gradient needs: the selected input columns (a copy, so a range's view does not keep all
+    of x alive), the whole input for a row delta, nothing for a delta that needs no gradient."""
+    saved = []
+    for (axis, _), selected, wants_grad in zip(spec, selected_inputs, wants_delta_grad, strict=True):
+        if not wants_grad:
+            saved.append(None)
+        else:
+            saved.append(selected.contiguous() if axis == COLUMNS else x2)
+    return saved
+
+
+def _add_delta_input_grads(grad_x: torch.Tensor, g: torch.Tensor, spec, indices, deltas, dtype) -> None:
+    """grad_x += the deltas' part of the input gradient, in place."""
+    for (axis, where), index, delta in zip(spec, indices, deltas, strict=True):
+        if axis == COLUMNS:
+            _add_product_to_columns(grad_x, where, index, g, delta.to(dtype))
+        else:
+            grad_x.addmm_(_columns(g, where, index), delta.to(dtype))
+
+
+def _delta_grads(g: torch.Tensor, spec, indices, deltas, saved_inputs) -> list:
+    grads = []
+    for (axis, where), index, delta, saved in zip(spec, indices, deltas, saved_inputs, strict=True):
+        if saved is None:
+            grads.append(None)
+            continue
+        grad_block_out = g if axis == COLUMNS else _columns(g, where, index)
+        grads.append((grad_block_out.t() @ saved).to(delta.dtype))
+    return grads
+
+
+def _restore_saved(ctx, stored) -> tuple[list, list, list]:
+    """(deltas, per-delta indices, per-delta saved inputs) from what `save_for_backward` kept."""
+    spec, count = ctx.spec, len(ctx.spec)
+    index_count = sum(where is None for _, where in spec)
+    deltas, indices = stored[:count], _per_delta(spec, stored[count : count + index_count])
+    saved_inputs: list[torch.Tensor | None] = [None] * count
+    for slot, tensor in zip(ctx.input_slots, stored[count + index_count :], strict=False):
+        saved_inputs[slot] = tensor
+    return list(deltas), indices, saved_inputs
+
+
+def base_plus_sparse_delta(x, base, input_grad, bias, spec, *tensors) -> torch.Tensor:
+    """A layer whose frozen part is computed by `base` (a quantized layer's own forward) plus the deltas of `spec`.
+
+    `input_grad(g)` returns `g W` for the layer's (dequantized) weight W. Where no gradient is needed this is
+    `base(x)` plus the deltas' contributions as plain operations; otherwise `BasePlusSparseDelta`.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *tensors)):
+        return BasePlusSparseDelta.apply(x, base, input_grad, bias, spec, *tensors)
+    out, _, _ = _base_plus_deltas(x, base, spec, tensors)
+    return _unflatten(out, x.shape)
+
+
+def _base_plus_deltas(x, base, spec, tensors) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The 2-D output of `base(x)` with the deltas added, the 2-D input in the output's dtype, the selected inputs."""
+    count = len(spec)
+    deltas, indices = tensors[:count], _per_delta(spec, tensors[count:])
+    with torch.no_grad():
+        out = base(x)
+    # The quantized layer decides its output dtype (bitsandbytes returns the input's); the deltas follow it.
+    dtype = out.dtype
+    with torch.autocast(x.device.type, enabled=False) if _compute_dtype(x)[1] else contextlib.nullcontext():
+        out2 = out.reshape(-1, out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        selected = _add_deltas(out2, x2, spec, deltas, indices, dtype)
+    return out2, x2, selected
+
+
+class BasePlusSparseDelta(torch.autograd.Function):
+    """y = base(x) + every delta's contribution, for a base layer S2FT cannot express as F.linear with a float
+    weight (a quantized one). Its own autograd is not used: bitsandbytes' 8-bit matmul keeps the whole input for
+    backward and torchao's the dequantized weight. This saves only what the deltas' gradients need (x[..., S] for a
+    column delta) and computes the input gradient with `input_grad`, which dequantizes the weight transiently.
+    A trainable bias of the base layer gets its gradient; a trainable quantized weight cannot exist.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, input_grad, bias, spec, *tensors):
+        count = len(spec)
+        out2, x2, selected_inputs = _base_plus_deltas(x, base, spec, tensors)
+        saved_inputs = _inputs_to_save(spec, selected_inputs, ctx.needs_input_grad[5 : 5 + count], x2)
+        ctx.spec, ctx.input_grad, ctx.x_shape, ctx.x_dtype, ctx.dtype = spec, input_grad, x.shape, x.dtype, out2.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.input_slots = [i for i, t in enumerate(saved_inputs) if t is not None]
+        ctx.save_for_backward(*tensors, *(saved_inputs[i] for i in ctx.input_slots))
+        return _unflatten(out2, x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        stored = ctx.saved_tensors  # once: non-reentrant checkpointing allows one unpack
+        deltas, indices, saved_inputs = _restore_saved(ctx, stored)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.input_grad(g)
+            _add_delta_input_grads(grad_x, g, ctx.spec, indices, deltas, ctx.dtype)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        grad_deltas = _delta_grads(g, ctx.spec, indices, deltas, saved_inputs)
+        index_count = len(stored) - len(ctx.spec) - len(ctx.input_slots)
+        return (grad_x, None, None, grad_bias, None, *grad_deltas, *([None] * index_count))
 
 
 def _per_delta(spec, index_tensors) -> list[torch.Tensor | None]:

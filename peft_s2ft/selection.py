@@ -16,6 +16,7 @@ from torch import nn
 from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
 from .calibration import CalibrationScores, needs_calibration
 from .config import S2FTConfig
+from .linear_like import weight_values
 from .overlap import Units
 
 
@@ -40,7 +41,14 @@ def count_parameters(model: nn.Module) -> int:
             if isinstance(container, nn.Module):
                 adapters |= {id(p) for p in container.parameters()}
     unique = {id(p): p for p in model.parameters() if id(p) not in adapters}
-    return sum(p.numel() for p in unique.values())
+    return sum(logical_numel(p) for p in unique.values())
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """The number of weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte of its
+    storage, so its own numel() is a fraction of the layer's weights (its quantization state has their shape)."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def _unit_scores(
@@ -62,6 +70,7 @@ def _unit_scores(
 def _unit_norms(output_weight: torch.Tensor, block: Block) -> torch.Tensor:
     """Norm of each unit's input columns of the output (O / down) projection, given as (out, in)."""
     span = block.trained[OUTPUT if block.kind == "attention" else DOWN]
+    output_weight = weight_values(output_weight)
     columns = span.positions(torch.arange(block.num_units)).to(output_weight.device)
     picked = output_weight.detach().float().index_select(1, columns)
     return picked.reshape(output_weight.shape[0], block.num_units, span.width).norm(dim=(0, 2)).cpu()

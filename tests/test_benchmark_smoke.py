@@ -6,6 +6,7 @@ those. Wall time is checked for presence, never for value.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -186,3 +187,23 @@ def test_fused_experts_flops_are_counted(family_run):
     rows = 2 * 16 * config["num_experts_per_tok"]
     experts = 2 * 2 * rows * 3 * config["hidden_size"] * config["intermediate_size"] * config["num_hidden_layers"]
     assert family_run["tiny-mixtral"]["limit"]["flops"] > experts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed ([quant])")
+def test_quantized_methods_run_on_an_nf4_copy_and_compare_with_the_quantized_limit():
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--model", "tiny", "--batch", "2", "--seq-len", "16", "--repeats", "1", "--threads", "1"]
+        records = main([*argv, "--methods", "s2ft,qlimit,qlora,qs2ft"])
+    finally:
+        torch.set_num_threads(threads)
+    by_method = {r["method"]: r for r in records}
+    assert list(by_method) == ["s2ft", "qlimit", "qlora", "qs2ft"]
+    assert by_method["s2ft"]["step_time_s_ratio"] is None  # no float `limit` in this run
+    assert all(by_method["qlimit"][f] == 1.0 for f in ("step_time_s_ratio", "saved_bytes_ratio"))
+    # the same budget on the 4-bit base; QLoRA's rank matched to it
+    assert by_method["qs2ft"]["trainable_params"] == by_method["s2ft"]["trainable_params"]
+    assert by_method["qlora"]["lora_rank"] >= 1
+    # 4-bit storage: the quantized trainees hold less than the float one
+    assert by_method["qs2ft"]["resident_bytes"] < by_method["s2ft"]["resident_bytes"]
+    assert by_method["qs2ft"]["saved_bytes"] <= by_method["qlora"]["saved_bytes"]

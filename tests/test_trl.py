@@ -4,6 +4,7 @@ and the saved adapter reloads to the trained model's logits."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,49 @@ def test_the_trainer_example_runs_on_the_embedded_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the reload reproduces the trained logits: True" in done.stdout
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed ([quant])")
+def test_sft_trainer_on_a_4bit_base_trains_the_deltas_it_casts_to_bf16(tiny, tmp_path):
+    """QLoRA's recipe with S2FT: TRL casts the trainable parameters of a quantized model to bf16 (the QLoRA paper's
+    choice); S2FT's deltas train in that dtype on top of the untouched 4-bit weights and reload exactly."""
+    from peft import prepare_model_for_kbit_training
+    from test_quantized import assert_same_storage, load_quantized, quantized_storage
+
+    model = prepare_model_for_kbit_training(load_quantized(tiny, "nf4"))  # with gradient checkpointing
+    storage = quantized_storage(model)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        max_length=64,
+        gradient_checkpointing=True,  # TRL's default
+        bf16=False,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(tiny),
+        peft_config=S2FTConfig(task_type="CAUSAL_LM", heads_per_layer=1, channels_per_layer=8),
+    )
+    peft_model = trainer.model
+    deltas = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert deltas and all(".s2ft_delta." in n and p.dtype == torch.bfloat16 for n, p in deltas.items())
+    trainer.train()
+    assert all(p.abs().sum() > 0 for p in deltas.values())
+    assert_same_storage(storage, quantized_storage(peft_model.base_model.model))
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    # train mode (no dropout in this model): bitsandbytes would repack 4-bit weights for CPU inference in eval mode
+    with torch.no_grad():
+        expected = peft_model.train()(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(load_quantized(tiny, "nf4"), tmp_path / "adapter").train()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
