@@ -67,7 +67,7 @@ FULL = dict(
     transfer="basic_arithmetic,leg_counting",
     methods=",".join(METHODS),
     seeds="0,1,2",
-    learning_rates="1e-4,3e-4,1e-3,3e-3",
+    learning_rates="1e-4,3e-4,1e-3,3e-3,1e-2",
     max_steps=64,
     batch_size=8,
     max_length=192,
@@ -153,6 +153,36 @@ def load_data(settings: dict[str, Any], tokenizer: Any) -> Data:
         transfer[name] = make_splits(TASKS[name], 0, s["transfer_samples"], 0, fits)[1]
     prompts = [p for p in FORGETTING_PROMPTS.read_text().splitlines() if p.strip()][: s["forgetting_prompts"]]
     return Data(train.head(train_size), val, test, transfer, prompts)
+
+
+def eval_id(method: str, lr: float | None, seed: int) -> str:
+    return f"eval/{method}/lr{lr:g}/seed{seed}"
+
+
+def widen_grid(path: Path, settings: dict[str, Any]) -> None:
+    """Let a records file made with a subset of `settings`' learning rates (and otherwise the same settings) be
+    resumed: its runs stay valid, each method's choice is remade over the wider grid."""
+    import json
+
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    old = stored.get("settings", {})
+    rates = [float(r) for r in settings["learning_rates"].split(",")]
+    same_otherwise = {k: v for k, v in old.items() if k != "learning_rates"} == {
+        k: v for k, v in settings.items() if k != "learning_rates"
+    }
+    if (
+        old == settings
+        or not same_otherwise
+        or not set(float(r) for r in old["learning_rates"].split(",")) < set(rates)
+    ):
+        return
+    stored["settings"] = settings
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stored, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"{path}: learning-rate grid widened to {settings['learning_rates']}; choices are remade")
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -311,6 +341,8 @@ class Study:
 
         self.args, self.settings = args, settings
         self.source = resolve_model(args.model)
+        if not args.restart:
+            widen_grid(Path(args.output), settings)
         self.records = Records(Path(args.output), settings, args.restart)
         self.work = Path(args.work_dir)
         self.methods = [m for m in settings["methods"].split(",") if m]
@@ -453,7 +485,7 @@ class Study:
     def chosen_rate(self, method: str) -> float | None:
         """The grid's rate with the lowest validation loss on the first seed (None until the grid is done)."""
         key = f"choice/{method}"
-        if key in self.records:
+        if key in self.records and self.records[key]["grid"] == self.rates:
             return self.records[key]["learning_rate"]
         runs = {lr: self.records.by_id.get(f"train/{method}/lr{lr:g}/seed{self.seeds[0]}") for lr in self.rates}
         if any(r is None for r in runs.values()):
@@ -462,7 +494,9 @@ class Study:
         if not finite:
             raise SystemExit(f"{method}: every learning rate of the grid diverged; widen --learning-rates.")
         best = min(finite, key=finite.__getitem__)
-        self.records.add(dict(id=key, kind="choice", method=method, learning_rate=best, val_losses=finite))
+        self.records.add(
+            dict(id=key, kind="choice", method=method, learning_rate=best, val_losses=finite, grid=self.rates)
+        )
         print(f"{method}: learning rate {best:g} (validation losses {finite})")
         return best
 
@@ -539,7 +573,7 @@ class Study:
         from safetensors.torch import load_file
 
         key = f"train/{method}/lr{lr:g}/seed{seed}"
-        needs_model = lr == self.chosen_rate_or_none(method) and f"eval/{method}/seed{seed}" not in self.records
+        needs_model = lr == self.chosen_rate_or_none(method) and eval_id(method, lr, seed) not in self.records
         if key not in self.records:
             return self.train(method, lr, seed)
         if not needs_model:
@@ -554,7 +588,7 @@ class Study:
 
     def chosen_rate_or_none(self, method: str) -> float | None:
         record = self.records.by_id.get(f"choice/{method}")
-        return record["learning_rate"] if record else None
+        return record["learning_rate"] if record and record["grid"] == self.rates else None
 
     def run_method(self, method: str) -> bool:
         """Grid, choice, then every seed at the chosen rate; returns whether the method is complete."""
@@ -569,9 +603,10 @@ class Study:
         for seed in self.seeds:
             model = self.ensure_trained(method, best, seed)
             if model is not None:
-                self.evaluate(f"{method}/seed{seed}", model, dict(method=method, seed=seed, learning_rate=best))
+                setup = eval_id(method, best, seed).removeprefix("eval/")
+                self.evaluate(setup, model, dict(method=method, seed=seed, learning_rate=best))
             self._release(model)
-        return all(f"eval/{method}/seed{seed}" in self.records for seed in self.seeds)
+        return all(eval_id(method, best, seed) in self.records for seed in self.seeds)
 
     @staticmethod
     def _release(model: Any) -> None:
@@ -609,12 +644,13 @@ def summarize(path: Path) -> dict[str, Any]:
     methods = [m for m in settings["methods"].split(",") if m]
     summary: dict[str, Any] = {"settings": settings, "base": by_id.get("eval/base"), "methods": {}}
     for method in methods:
-        evals = [by_id.get(f"eval/{method}/seed{s}") for s in seeds]
-        if any(e is None for e in evals):
+        choice = by_id.get(f"choice/{method}")
+        lr = choice["learning_rate"] if choice else None
+        evals = [by_id.get(eval_id(method, lr, s)) for s in seeds]
+        if lr is None or any(e is None for e in evals):
             continue
-        lr = by_id[f"choice/{method}"]["learning_rate"]
         trains = [by_id[f"train/{method}/lr{lr:g}/seed{s}"] for s in seeds]
-        row: dict[str, Any] = {"learning_rate": lr, "val_losses": by_id[f"choice/{method}"]["val_losses"]}
+        row: dict[str, Any] = {"learning_rate": lr, "val_losses": choice["val_losses"], "grid": choice["grid"]}
         row["in_domain"] = [e["in_domain"]["accuracy"] for e in evals]
         row["transfer"] = {t: [e["transfer"][t]["accuracy"] for e in evals] for t in evals[0]["transfer"]}
         row["forgetting_kl"] = [e["forgetting_kl"] for e in evals]
@@ -645,7 +681,8 @@ def report(path: Path) -> str:
         return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
     for method, row in methods.items():
-        cells = [method, f"{row['learning_rate']:g}", pm(row["in_domain"])]
+        edge = row["learning_rate"] in (min(row["grid"]), max(row["grid"]))  # the best rate may lie outside
+        cells = [method, f"{row['learning_rate']:g}" + (" (grid edge)" if edge else ""), pm(row["in_domain"])]
         cells += [pm(row["transfer"][t]) for t in transfer]
         cells += [pm(row["forgetting_kl"], 1.0, 4), pm(row["forgetting_nll"], 1.0, 3)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -36,8 +36,8 @@ def test_quick_study_runs_every_method_resumes_and_reports(tiny_model, tmp_path,
     methods, rates, seeds = quality.METHODS, (1e-3, 3e-3), (0, 1)
     expected = {"data", "reference/forgetting", "eval/base"}
     expected |= {f"train/{m}/lr{lr:g}/seed0" for m in methods for lr in rates}
-    expected |= {f"choice/{m}" for m in methods} | {f"eval/{m}/seed{s}" for m in methods for s in seeds}
     chosen = {m: records[f"choice/{m}"]["learning_rate"] for m in methods}
+    expected |= {f"choice/{m}" for m in methods} | {quality.eval_id(m, chosen[m], s) for m in methods for s in seeds}
     expected |= {f"train/{m}/lr{chosen[m]:g}/seed1" for m in methods}
     assert set(records) == expected
 
@@ -55,7 +55,7 @@ def test_quick_study_runs_every_method_resumes_and_reports(tiny_model, tmp_path,
     )
     # The base model is its own reference; full fine-tuning at these rates moves it.
     assert records["eval/base"]["forgetting_kl"] == pytest.approx(0.0, abs=1e-6)
-    assert records["eval/full/seed0"]["forgetting_kl"] > 1e-6
+    assert records[quality.eval_id("full", chosen["full"], 0)]["forgetting_kl"] > 1e-6
     assert all(len(r["in_domain"]["per_problem"]) == 3 for r in records.values() if r["kind"] == "eval")
 
     # A re-run does nothing; a missing evaluation whose snapshot is gone retrains exactly that run.
@@ -64,13 +64,14 @@ def test_quick_study_runs_every_method_resumes_and_reports(tiny_model, tmp_path,
     key = f"train/s2ft/lr{chosen['s2ft']:g}/seed1"
     quality.Study.snapshot_path_for(work, key).unlink()
     stored = json.loads(output.read_text())
-    stored["records"] = [r for r in stored["records"] if r["id"] != "eval/s2ft/seed1"]
+    lost = quality.eval_id("s2ft", chosen["s2ft"], 1)
+    stored["records"] = [r for r in stored["records"] if r["id"] != lost]
     output.write_text(json.dumps(stored))
     assert quality.main(argv) == 0
     rerun = _records(output)
-    assert rerun[key]["finished"] >= records[key]["finished"] and "eval/s2ft/seed1" in rerun
-    assert {k: v for k, v in rerun.items() if k not in (key, "eval/s2ft/seed1")} == {
-        k: v for k, v in records.items() if k not in (key, "eval/s2ft/seed1")
+    assert rerun[key]["finished"] >= records[key]["finished"] and lost in rerun
+    assert {k: v for k, v in rerun.items() if k not in (key, lost)} == {
+        k: v for k, v in records.items() if k not in (key, lost)
     }
 
     capsys.readouterr()
@@ -78,6 +79,22 @@ def test_quick_study_runs_every_method_resumes_and_reports(tiny_model, tmp_path,
     table = capsys.readouterr().out
     assert f"{len(methods)} methods complete of {len(methods)}" in table
     assert all(f"| {m} | " in table for m in methods) and (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_a_widened_grid_keeps_the_runs_and_remakes_the_choice(tiny_model, tmp_path):
+    output, work = tmp_path / "quality.json", tmp_path / "work"
+    argv = ["--quick", "--model", str(tiny_model), "--output", str(output), "--work-dir", str(work)]
+    argv += ["--methods", "s2ft", "--seeds", "0", "--threads", "1"]
+    assert quality.main([*argv, "--learning-rates", "1e-3,3e-3"]) == 0
+    before = _records(output)
+    # A rate that wins on validation whatever the grid (the tiny model's loss falls with the rate here).
+    assert quality.main([*argv, "--learning-rates", "1e-3,3e-3,3e-1"]) == 0
+    after = _records(output)
+    assert set(after) - set(before) == {"train/s2ft/lr0.3/seed0", quality.eval_id("s2ft", 0.3, 0)}
+    assert all(after[k] == before[k] for k in before if not k.startswith("choice/"))
+    assert after["choice/s2ft"]["grid"] == [1e-3, 3e-3, 0.3] and after["choice/s2ft"]["learning_rate"] == 0.3
+    with pytest.raises(SystemExit, match="other settings"):  # narrowing (or any other change) is not resumed
+        quality.main([*argv, "--learning-rates", "1e-3"])
 
 
 def test_other_settings_are_not_resumed(tiny_model, tmp_path):
