@@ -17,6 +17,7 @@ from .architectures import DOWN, OUTPUT, Block, ExpertsBlock
 from .calibration import CalibrationScores, needs_calibration
 from .config import S2FTConfig
 from .overlap import Units
+from .partitioned import full_numel, full_shape
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def count_parameters(model: nn.Module) -> int:
             if isinstance(container, nn.Module):
                 adapters |= {id(p) for p in container.parameters()}
     unique = {id(p): p for p in model.parameters() if id(p) not in adapters}
-    return sum(p.numel() for p in unique.values())
+    return sum(full_numel(p) for p in unique.values())
 
 
 def _unit_scores(
@@ -197,7 +198,8 @@ def _select_ffn(
             "S2FTConfig.allocation='global' gives FFNs different channel counts, but a fused experts module trains "
             "the same count in every expert. Use allocation='uniform' on mixture-of-experts models."
         )
-    per_unit = [weights[b.key].shape[0] for b in ffn] + [b.hidden_size for b in experts for _ in range(b.num_experts)]
+    per_unit = [full_shape(weights[b.key])[0] for b in ffn]
+    per_unit += [b.hidden_size for b in experts for _ in range(b.num_experts)]
     count = _count(
         config.channels_per_layer,
         config.channel_ratio,
@@ -249,7 +251,7 @@ def _select_kind(
     if not blocks:
         return {}
     output = OUTPUT if blocks[0].kind == "attention" else DOWN
-    params_per_unit = sum(weights[b.key].shape[0] * b.trained[output].width for b in blocks) / len(blocks)
+    params_per_unit = sum(full_shape(weights[b.key])[0] * b.trained[output].width for b in blocks) / len(blocks)
     count = _count(
         count_field_value,
         ratio,
