@@ -7,7 +7,10 @@ them with a single-process run.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -72,3 +75,35 @@ def spawn(body: Callable, init_file: str, args: tuple, extra_env: dict[str, str]
             if process.is_alive():
                 process.kill()
             process.join(timeout=10)
+
+
+def torchrun(script: str, args: list[str], cwd: str, timeout_s: float = SPAWN_TIMEOUT_S) -> str:
+    """Run `torchrun --standalone --nproc-per-node WORLD script args` (rendezvous on a free localhost port) and
+    return its output; the whole process group is killed if it has not finished within `timeout_s`."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))  # the code under test
+    loopback = loopback_interface()
+    if loopback is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", script]
+    process = subprocess.Popen(
+        [*command, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    if process.returncode != 0:
+        raise AssertionError(f"{script} exited with {process.returncode}:\n{output[-6000:]}")
+    return output

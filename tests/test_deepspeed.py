@@ -25,7 +25,13 @@ if importlib.util.find_spec("deepspeed") is None:
 STEPS = 3
 PER_DEVICE = 2
 MAX_NORM = 0.05  # below the gradients' norm (about 0.4 here): clipping acts, so ZeRO's global norm must be right
-CASES = {"zero2": (2, False), "zero2-permute": (2, True), "zero3": (3, False)}  # name: (stage, permute)
+# name: (stage, permute, load the model before the TrainingArguments exist, so without zero.Init)
+CASES = {
+    "zero2": (2, False, False),
+    "zero2-permute": (2, True, False),
+    "zero3": (3, False, False),
+    "zero3-permute-loaded-first": (3, True, True),  # what the refusal below recommends for permute=True
+}
 # Measured on the 2-core CPU machine (torch 2.13, deepspeed 0.19.8), all cases: logged losses (about 4.16) at most
 # 4.8e-7 apart (one float32 step), deltas (about 0.03) at most 6.5e-8, reloaded logits at most 8.9e-8. The tolerance
 # leaves a margin of over 20x for other kernels and reduction orders.
@@ -111,6 +117,7 @@ def _refusals(model_dir: str) -> dict[str, str]:
 def _worker(rank: int, model_dir: str, out: str):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (C++, 98 s on this 2-core machine) that it only
     # uses for inference all-reduces with LOCAL_SIZE set; this test's collectives all go through gloo. (The module is
@@ -119,25 +126,30 @@ def _worker(rank: int, model_dir: str, out: str):
     if hasattr(backend, "build_shm_op"):
         backend.build_shm_op = lambda: None
     _configure_accelerate()
-    for name, (stage, permute) in CASES.items():
+    for name, (stage, permute, load_first) in CASES.items():
+        if load_first:
+            model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), _s2ft(permute=permute))
         args = _args(f"{out}/{name}", PER_DEVICE, _zero_config(stage))  # before from_pretrained: zero.Init at stage 3
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        weight = model.model.layers[0].mlp.down_proj.weight
-        assert (weight.numel() == 0) == (stage == 3), "ZeRO-3 should partition the weights at load time"
-        if stage == 3:
-            refusals = _refusals(model_dir)  # on every rank: loading under zero.Init is collective
-            if rank == 0:
-                with open(f"{out}/refusals.json", "w") as file:
-                    json.dump(refusals, file)
-        trainer = Trainer(model=get_peft_model(model, _s2ft(permute=permute)), args=args, train_dataset=_dataset())
+        if not load_first:
+            base = AutoModelForCausalLM.from_pretrained(model_dir)
+            partitioned = base.model.layers[0].mlp.down_proj.weight.numel() == 0
+            assert partitioned == (stage == 3), "ZeRO-3 should partition the weights at load time"
+            if stage == 3:
+                refusals = _refusals(model_dir)  # on every rank: loading under zero.Init is collective
+                if rank == 0:
+                    with open(f"{out}/refusals.json", "w") as file:
+                        json.dump(refusals, file)
+            model = get_peft_model(base, _s2ft(permute=permute))
+        trainer = Trainer(model=model, args=args, train_dataset=_dataset())
         trainer.train()
         trainer.save_model(f"{out}/{name}/adapter")  # every rank takes part in gathering; rank 0 writes
         if rank == 0:
             torch.save(_losses(trainer), f"{out}/{name}/losses.pt")
-        del trainer, model
-        # One Accelerator per process may hold a DeepSpeed plugin: forget it (what TrainingArguments does between
-        # runs too), keeping the distributed state configured above.
+        del trainer, model, args
+        # Start the next case as a new process would: one Accelerator per process may hold a DeepSpeed plugin
+        # (forget it, keeping the distributed state configured above), and no ZeRO-3 config steers from_pretrained.
         AcceleratorState._reset_state(reset_partial_state=False)
+        unset_hf_deepspeed_config()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +161,7 @@ def deepspeed_results(model_dirs, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_zero_matches_single_process_and_saves(model_dirs, deepspeed_results, tmp_path, case):
-    _, permute = CASES[case]
+    _, permute, _ = CASES[case]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs["llama-gqa"]), _s2ft(permute=permute))
     trainer = Trainer(model=model, args=_args(str(tmp_path), WORLD * PER_DEVICE), train_dataset=_dataset())
     trainer.train()

@@ -1,10 +1,12 @@
 """FSDP2 (`fully_shard`, 2 CPU processes over gloo): frozen base weights and trainable deltas sharded in the same
 units train as on one process, and the adapter saved from rank 0's full state dict reloads as trained."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import WORLD, spawn
+from gloo_workers import WORLD, spawn, torchrun
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -109,3 +111,20 @@ def test_fsdp2_matches_single_process_and_reloads(model_dirs, fsdp_results, perm
         torch.testing.assert_close(loaded[name], param, **TOLERANCE)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch).logits, model(input_ids=batch).logits, **TOLERANCE)
+
+
+@pytest.mark.slow
+def test_fsdp2_example_trains_and_saves_in_bf16(tmp_path):
+    """examples/fsdp2_train.py under torchrun, reduced: a tiny chat model, bf16 compute with fp32 deltas."""
+    from tiny_chat import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    out = tmp_path / "adapter"
+    root = Path(__file__).resolve().parents[1]
+    args = ["--model", str(model_dir), "--max-length", "2048", "--batch-size", "2", "--max-steps", "2"]
+    log = torchrun("examples/fsdp2_train.py", [*args, "--bf16", "--output-dir", str(out)], cwd=str(root))
+    assert "step 2/2" in log and f"adapter saved to {out}" in log
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    deltas = {n: p for n, p in reloaded.named_parameters() if "s2ft_delta" in n}
+    assert len(deltas) == 4 and all(p.dtype == torch.float32 and p.abs().max() > 0 for p in deltas.values())
