@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through transformers.Trainer (2 CPU processes over gloo): the adapter trains as a
 single-process Trainer run on the same global batch, and `trainer.save_model` writes the trained adapter.
 
-ZeRO-3 here loads the model under `deepspeed.zero.Init` (TrainingArguments with the config exist before
-`from_pretrained`, the usual order), so every base weight is partitioned when S2FT is attached.
+The plain ZeRO-3 case loads the model under `deepspeed.zero.Init` (TrainingArguments with the config exist before
+`from_pretrained`, the usual order), so every base weight is partitioned when S2FT is attached; permute mode, which
+reorders weights, is run on a model loaded before the TrainingArguments, which DeepSpeed partitions at train start.
 """
 
 import importlib
