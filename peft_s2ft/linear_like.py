@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .partitioned import full_shape
 from .quantized import QuantizedWeight, format_of
 
 LinearLike = nn.Linear | Conv1D
@@ -20,7 +21,8 @@ def is_linear_like(module: nn.Module) -> bool:
 def features(module: LinearLike) -> tuple[int, int]:
     """(out_features, in_features)."""
     if isinstance(module, Conv1D):
-        return module.weight.shape[1], module.weight.shape[0]
+        shape = full_shape(module.weight)
+        return shape[1], shape[0]
     return module.out_features, module.in_features
 
 

@@ -32,6 +32,7 @@ from .layer import QuantizedS2FTLayer, S2FTTunerLayer
 from .linear_like import readable_weight
 from .mixed_batch import BASE, mixed_batch_hooks
 from .overlap import units_of
+from .partitioned import refuse_partitioned
 from .peft_type import PREFIX
 from .selection import select_units
 
@@ -159,6 +160,11 @@ def selection_plan(config: S2FTConfig, model: nn.Module, structure: ModelStructu
             "(the model was built under init_empty_weights). Load the real weights before get_peft_model, or use "
             "selection='random'."
         )
+    if config.selection != "random":
+        feature = f"S2FTConfig.selection='{config.selection}'"
+        refuse_partitioned(weights.values(), feature, ", or use selection='random'")
+    # The experts layer checks its tensors' layout on construction; with ZeRO-3 they are empty.
+    refuse_partitioned([weights[b.key] for b in experts], "S2FT on fused experts modules")
     taken = units_of(model, config.disjoint_from, structure) if config.disjoint_from else None
     if taken is not None and config.train_v:
         taken = taken.with_whole_kv_groups(structure)
@@ -277,6 +283,8 @@ class S2FTModel(BaseTuner):
         if config.permute:
             quantized.refuse_permute(model)
             permutation.check_permutable(model)
+            feature = "S2FTConfig.permute=True (it reorders weights)"
+            refuse_partitioned(model.parameters(), feature, ", or use permute=False")
         if not hasattr(config, "_loaded_geometry"):
             # What the config said before this injection records this model's: the file's base model, for loads.
             config._loaded_geometry = config.base_geometry

@@ -186,6 +186,28 @@ def check_contiguous(model: nn.Module, plan: dict[str, tuple[str, torch.Tensor]]
     block_orders(model, describe(model), {path: indices for path, (_, indices) in plan.items()})
 
 
+def reordered(tensor: torch.Tensor, dim: int, order: torch.Tensor) -> torch.Tensor:
+    """`tensor.index_select(dim, order)`, also for a DTensor (FSDP2's sharded parameters, and the tensors of their
+    state dicts): those are reordered in full and handed back sharded as they came, since a reorder along the
+    sharded dimension moves rows between ranks. Every rank must take part, as in any FSDP2 state-dict call."""
+    if _is_dtensor(tensor):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        mesh, placements = tensor.device_mesh, tensor.placements
+        full = tensor.full_tensor().index_select(dim, order.to(tensor.device))
+        replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        return replicated.redistribute(mesh, placements)  # Replicate -> Shard keeps the local chunk: no traffic
+    return tensor.index_select(dim, order.to(tensor.device))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 @dataclass
 class _Permuted:
     """One parameter stored permuted along `dim`; state-dict hooks present and accept it in original order."""
@@ -211,7 +233,7 @@ class _Permuted:
     def _reorder(self, state: dict, prefix: str, order: torch.Tensor) -> None:
         key = prefix + self.name
         if state.get(key) is not None:
-            state[key] = state[key].index_select(self.dim, order.to(state[key].device))
+            state[key] = reordered(state[key], self.dim, order)
 
     def present_original(self, module, state_dict, prefix, local_metadata) -> None:
         if not _stored_order.get():

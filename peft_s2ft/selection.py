@@ -18,6 +18,7 @@ from .calibration import CalibrationScores, needs_calibration
 from .config import S2FTConfig
 from .linear_like import weight_values
 from .overlap import Units
+from .partitioned import full_numel, full_shape
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def count_parameters(model: nn.Module) -> int:
 
 def logical_numel(param: torch.Tensor) -> int:
     """The number of weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte of its
-    storage, so its own numel() is a fraction of the layer's weights (its quantization state has their shape)."""
+    storage (its quantization state has the layer's shape), and a ZeRO-3 partitioned one is an empty placeholder
+    (partitioned.py knows its full size); otherwise its numel()."""
     shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+    return int(torch.Size(shape).numel()) if shape is not None else full_numel(param)
 
 
 def _unit_scores(
@@ -206,7 +208,8 @@ def _select_ffn(
             "S2FTConfig.allocation='global' gives FFNs different channel counts, but a fused experts module trains "
             "the same count in every expert. Use allocation='uniform' on mixture-of-experts models."
         )
-    per_unit = [weights[b.key].shape[0] for b in ffn] + [b.hidden_size for b in experts for _ in range(b.num_experts)]
+    per_unit = [full_shape(weights[b.key])[0] for b in ffn]
+    per_unit += [b.hidden_size for b in experts for _ in range(b.num_experts)]
     count = _count(
         config.channels_per_layer,
         config.channel_ratio,
@@ -258,7 +261,7 @@ def _select_kind(
     if not blocks:
         return {}
     output = OUTPUT if blocks[0].kind == "attention" else DOWN
-    params_per_unit = sum(weights[b.key].shape[0] * b.trained[output].width for b in blocks) / len(blocks)
+    params_per_unit = sum(full_shape(weights[b.key])[0] * b.trained[output].width for b in blocks) / len(blocks)
     count = _count(
         count_field_value,
         ratio,

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..linear_like import features, is_linear_like
+from ..partitioned import full_shape
 from .description import CHANNEL, HEAD, KV_GROUP, OUT, PARAM, AttentionLayout, Family, FFNLayout, Part, evaluate
 from .registry import FAMILIES, SUPPORTED_MODEL_TYPES
 
@@ -158,8 +159,8 @@ def _sizes_along(found: nn.Module | nn.Parameter, side: str, where: str) -> list
     """The length of every tensor axis a part on `side` of `found` indexes."""
     if side == PARAM:
         if isinstance(found, nn.Parameter):
-            return [found.shape[0]]
-        return [p.shape[0] for p in found.parameters(recurse=False)]
+            return [full_shape(found)[0]]
+        return [full_shape(p)[0] for p in found.parameters(recurse=False)]
     if not is_linear_like(found):
         raise UnsupportedModelError(f"S2FT expected a linear layer at '{where}', found {type(found).__name__}.")
     out_features, in_features = features(found)
