@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import subprocess
-import sys
 import warnings
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from examples_runner import run_example
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MixtralConfig, TorchAoConfig
@@ -484,14 +482,5 @@ def test_a_trainable_quantized_weight_is_refused_at_the_forward(tiny_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed ([quant] extra)")
 def test_the_qs2ft_example_runs_on_the_embedded_model(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "examples" / "qs2ft_train.py"
-    out = tmp_path / "adapter"
-    done = subprocess.run(
-        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "1", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "reloaded onto a fresh 4-bit base: 60 QS2FT layers" in done.stdout  # O and down of 30 layers
-    assert (out / "adapter_model.safetensors").is_file()
+    out = run_example("qs2ft_train.py", tmp_path / "adapter", "--batch-size", "1")
+    assert "reloaded onto a fresh 4-bit base: 60 QS2FT layers" in out  # O and down of 30 layers

@@ -5,13 +5,11 @@ and the saved adapter reloads to the trained model's logits."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from examples_runner import run_example
 from peft import PeftModel
 from tiny_chat import save_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,33 +89,12 @@ def test_sft_trainer_trains_only_the_deltas_and_saves_a_reloadable_adapter(tiny,
 
 
 @pytest.mark.slow
-def test_the_trl_example_runs_on_the_embedded_model(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "examples" / "trl_sft.py"
-    out = tmp_path / "adapter"
-    done = subprocess.run(
-        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "2", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "reloaded: S2FTConfig" in done.stdout
-    assert (out / "adapter_model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_the_trainer_example_runs_on_the_embedded_model(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "examples" / "trainer_train.py"
-    out = tmp_path / "adapter"
-    done = subprocess.run(
-        [sys.executable, str(script), "--max-steps", "1", "--batch-size", "2", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "the reload reproduces the trained logits: True" in done.stdout
-    assert (out / "adapter_model.safetensors").is_file()
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [("trl_sft.py", "reloaded: S2FTConfig"), ("trainer_train.py", "the reload reproduces the trained logits: True")],
+)
+def test_the_example_runs_on_the_embedded_model(tmp_path, script, says):
+    assert says in run_example(script, tmp_path / "adapter", "--batch-size", "2")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed ([quant])")
