@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.study_records import Records, code_version, jsonable, machine_state  # noqa: E402
+from benchmarks.study_records import Records, add_setting_options, code_version, fill_settings, jsonable, machine_state  # noqa: E402
 
 # The part of a chat template (SmolLM2's, for one) that adds a default system turn when there is none.
 DEFAULT_SYSTEM_TURN = re.compile(
@@ -872,14 +872,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     )
     parser.add_argument("--probe-steps", type=int, default=32, help="S2FT steps per probed task")
     parser.add_argument("--probe-test-samples", type=int, default=100, help="test problems per probed task")
-    for key, value in FULL.items():
-        kind = float if isinstance(value, float) else int if isinstance(value, int) or value is None else str
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"default {value} (--quick: {QUICK[key]})")
+    add_setting_options(parser, FULL, QUICK)
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for key in FULL:
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
+    fill_settings(args, FULL, QUICK)
     tag = "fusion-quick" if args.quick else "fusion"
     default_output = "docs/results/fusion-probe.json" if args.probe else "docs/results/fusion.json"
     args.output = args.output or str(REPO / ("outputs/fusion-quick.json" if args.quick else default_output))

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.study_records import Records, code_version, machine_state  # noqa: E402
+from benchmarks.study_records import Records, add_setting_options, code_version, fill_settings, machine_state  # noqa: E402
 
 # In the order the study runs them: the comparison the study exists for first, as each method completes in turn.
 METHODS = ("s2ft", "lora", "s2ft-activation", "paca", "full", "sorsa", "pissa", "lora-all")
@@ -750,14 +750,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--plot", metavar="FILE.png", help="with --report: also draw accuracy against forgetting")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machines are shared)")
     parser.add_argument("--eval-batch-size", type=int, default=50, help="greedy decoding batch (no effect on results)")
-    for key, value in FULL.items():
-        kind = float if isinstance(value, float) else int if isinstance(value, int) or value is None else str
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"default {value} (--quick: {QUICK[key]})")
+    add_setting_options(parser, FULL, QUICK)
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for key in FULL:
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
+    fill_settings(args, FULL, QUICK)
     tag = "quality-quick" if args.quick else "quality"
     args.output = args.output or str(
         REPO / ("outputs/quality-quick.json" if args.quick else "docs/results/quality.json")

@@ -101,3 +101,18 @@ def code_version() -> dict[str, Any]:
         "commit": git("rev-parse", "--short", "HEAD"),
         "peft_s2ft_dirty": bool(git("status", "--porcelain", "peft_s2ft")),
     }
+
+
+def add_setting_options(parser: Any, full: dict[str, Any], quick: dict[str, Any]) -> None:
+    """One `--name` option per result-deciding setting; unset, it takes the full or the --quick value."""
+    for key, value in full.items():
+        kind = float if isinstance(value, float) else int if isinstance(value, int) or value is None else str
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"default {value} (--quick: {quick[key]})")
+
+
+def fill_settings(args: Any, full: dict[str, Any], quick: dict[str, Any]) -> None:
+    """Give every setting left unset on the command line its default (the --quick one with --quick)."""
+    defaults = quick if args.quick else full
+    for key in full:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
