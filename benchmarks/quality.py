@@ -4,6 +4,9 @@ Every method trains the same causal LM on the same training split with the same 
 linear decay, 10% warm-up) and seeds, at a trainable-parameter count matched to S2FT's default (full fine-tuning
 aside). Each method's learning rate is the one of a shared grid with the lowest loss on a validation split drawn
 from the training distribution (never the test split), chosen on seed 0; seeds 1, 2, ... then train at that rate.
+Where a grid edge wins, that method's grid goes on one step (1e-2 -> 3e-2 -> 1e-1, 1e-4 -> 3e-5 -> 1e-5) until its
+best rate is interior, at most `--grid-edge-steps` steps per side, so that no method is judged at a rate the grid
+merely cut off.
 Seed s is the data order, the selection draw (S2FT, PaCA) and the initialisation, the same for every method, so
 differences between methods can be paired by seed.
 
@@ -68,6 +71,7 @@ FULL = dict(
     methods=",".join(METHODS),
     seeds="0,1,2",
     learning_rates="1e-4,3e-4,1e-3,3e-3,1e-2",
+    grid_edge_steps=2,  # per method and side: how far past a winning grid edge the search may go
     max_steps=64,
     batch_size=8,
     max_length=192,
@@ -87,6 +91,7 @@ QUICK = dict(
     transfer="gcd",
     seeds="0,1",
     learning_rates="1e-3,3e-3",
+    grid_edge_steps=0,
     max_steps=2,
     batch_size=2,
     max_length=512,
@@ -159,30 +164,69 @@ def eval_id(method: str, lr: float | None, seed: int) -> str:
     return f"eval/{method}/lr{lr:g}/seed{seed}"
 
 
+def ladder_step(lr: float, up: bool) -> float:
+    """The next rate of the 1-3 ladder (1e-3, 3e-3, 1e-2, ...) above or below `lr`; off the ladder, x or / 3."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10**exponent
+    if math.isclose(mantissa, 1.0, rel_tol=1e-6):
+        value = 3 * 10.0**exponent if up else 3 * 10.0 ** (exponent - 1)
+    elif math.isclose(mantissa, 3.0, rel_tol=1e-6):
+        value = 10.0 ** (exponent + 1) if up else 10.0**exponent
+    else:
+        value = lr * 3 if up else lr / 3
+    return float(f"{value:.6g}")
+
+
+def search_grid(base: list[float], val_losses: dict[float, float | None], edge_steps: int) -> list[float]:
+    """The rates to train for one method: `base`, extended a ladder step past an edge that has the lowest
+    validation loss so far, until the best rate is interior or `edge_steps` steps were taken on that side.
+    `val_losses` holds the finished runs (None: diverged); the grid is final once every rate in it has one."""
+    rates, steps_up, steps_down = sorted(base), 0, 0
+    while all(lr in val_losses for lr in rates):
+        finite = {lr: val_losses[lr] for lr in rates if val_losses[lr] is not None}
+        if not finite:
+            return rates
+        best = min(finite, key=finite.__getitem__)
+        if best == rates[-1] and steps_up < edge_steps:
+            rates.append(ladder_step(best, up=True))
+            steps_up += 1
+        elif best == rates[0] and steps_down < edge_steps:
+            rates.insert(0, ladder_step(best, up=False))
+            steps_down += 1
+        else:
+            return rates
+    return rates
+
+
+# Settings that only widen the learning-rate search: a records file made with smaller values stays valid.
+SEARCH_KEYS = ("learning_rates", "grid_edge_steps")
+
+
 def widen_grid(path: Path, settings: dict[str, Any]) -> None:
-    """Let a records file made with a subset of `settings`' learning rates (and otherwise the same settings) be
-    resumed: its runs stay valid, each method's choice is remade over the wider grid."""
+    """Let a records file made with a narrower search (a subset of `settings`' learning rates, fewer edge steps;
+    otherwise the same settings) be resumed: its runs stay valid, each method's choice is remade."""
     import json
 
     if not path.is_file():
         return
     stored = json.loads(path.read_text())
     old = stored.get("settings", {})
-    rates = [float(r) for r in settings["learning_rates"].split(",")]
-    same_otherwise = {k: v for k, v in old.items() if k != "learning_rates"} == {
-        k: v for k, v in settings.items() if k != "learning_rates"
-    }
-    if (
-        old == settings
-        or not same_otherwise
-        or not set(float(r) for r in old["learning_rates"].split(",")) < set(rates)
-    ):
+    if old == settings or {k: v for k, v in old.items() if k not in SEARCH_KEYS} != {
+        k: v for k, v in settings.items() if k not in SEARCH_KEYS
+    }:
+        return
+    old_rates = {float(r) for r in old["learning_rates"].split(",")}
+    rates = {float(r) for r in settings["learning_rates"].split(",")}
+    if not old_rates <= rates or old.get("grid_edge_steps", 0) > settings["grid_edge_steps"]:
         return
     stored["settings"] = settings
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(stored, indent=1) + "\n")
     os.replace(tmp, path)
-    print(f"{path}: learning-rate grid widened to {settings['learning_rates']}; choices are remade")
+    print(
+        f"{path}: learning-rate search widened ({settings['learning_rates']}, "
+        f"{settings['grid_edge_steps']} edge steps); choices are remade"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -482,22 +526,48 @@ class Study:
         )
         return model
 
-    def chosen_rate(self, method: str) -> float | None:
-        """The grid's rate with the lowest validation loss on the first seed (None until the grid is done)."""
-        key = f"choice/{method}"
-        if key in self.records and self.records[key]["grid"] == self.rates:
-            return self.records[key]["learning_rate"]
-        runs = {lr: self.records.by_id.get(f"train/{method}/lr{lr:g}/seed{self.seeds[0]}") for lr in self.rates}
-        if any(r is None for r in runs.values()):
+    def grid(self, method: str) -> tuple[list[float], dict[float, float | None]]:
+        """The method's search grid so far and the validation losses of its finished seed-0 runs."""
+        losses: dict[float, float | None] = {}
+        rates = sorted(self.rates)
+        while True:
+            for lr in rates:
+                run = self.records.by_id.get(f"train/{method}/lr{lr:g}/seed{self.seeds[0]}")
+                if run is not None:
+                    losses[lr] = run["val_loss"]
+            grown = search_grid(self.rates, losses, self.settings["grid_edge_steps"])
+            if grown == rates:
+                return rates, losses
+            rates = grown
+
+    def chosen_rate_or_none(self, method: str) -> float | None:
+        """The grid's rate with the lowest validation loss on the first seed (None until the grid is final)."""
+        rates, losses = self.grid(method)
+        finite = {lr: losses[lr] for lr in rates if lr in losses and losses[lr] is not None}
+        if any(lr not in losses for lr in rates):
             return None
-        finite = {lr: r["val_loss"] for lr, r in runs.items() if r["val_loss"] is not None}
         if not finite:
             raise SystemExit(f"{method}: every learning rate of the grid diverged; widen --learning-rates.")
-        best = min(finite, key=finite.__getitem__)
-        self.records.add(
-            dict(id=key, kind="choice", method=method, learning_rate=best, val_losses=finite, grid=self.rates)
+        return min(finite, key=finite.__getitem__)
+
+    def chosen_rate(self, method: str) -> float | None:
+        """chosen_rate_or_none, recorded (with the grid it was chosen from) once the grid is final."""
+        best = self.chosen_rate_or_none(method)
+        if best is None:
+            return None
+        rates, losses = self.grid(method)
+        record = dict(
+            id=f"choice/{method}",
+            kind="choice",
+            method=method,
+            learning_rate=best,
+            val_losses={lr: losses[lr] for lr in rates if losses[lr] is not None},
+            grid=rates,
         )
-        print(f"{method}: learning rate {best:g} (validation losses {finite})")
+        stored = self.records.by_id.get(record["id"])
+        if stored is None or (stored["learning_rate"], stored["grid"]) != (best, rates):
+            self.records.add(record)
+            print(f"{method}: learning rate {best:g} (validation losses {record['val_losses']})")
         return best
 
     # -------------------------------------------------------------------------------------- evaluation
@@ -586,18 +656,20 @@ class Study:
         restore(model, load_file(str(path)))
         return model
 
-    def chosen_rate_or_none(self, method: str) -> float | None:
-        record = self.records.by_id.get(f"choice/{method}")
-        return record["learning_rate"] if record and record["grid"] == self.rates else None
-
     def run_method(self, method: str) -> bool:
-        """Grid, choice, then every seed at the chosen rate; returns whether the method is complete."""
-        for lr in self.rates:
-            self._release(self.ensure_trained(method, lr, self.seeds[0]))
+        """Grid (grown past a winning edge), choice, then every seed at the chosen rate; returns whether the
+        method is complete."""
+        while True:
+            rates, losses = self.grid(method)
+            missing = [lr for lr in rates if lr not in losses]
+            if not missing:
+                break
+            for lr in missing:
+                self._release(self.ensure_trained(method, lr, self.seeds[0]))
         best = self.chosen_rate(method)
         if best is None:
             return False
-        for lr in self.rates:  # the grid's other snapshots are not needed any more (a full model's is large)
+        for lr in rates:  # the grid's other snapshots are not needed any more (a full model's is large)
             if lr != best:
                 self.snapshot_path(f"train/{method}/lr{lr:g}/seed{self.seeds[0]}").unlink(missing_ok=True)
         for seed in self.seeds:

@@ -97,6 +97,49 @@ def test_a_widened_grid_keeps_the_runs_and_remakes_the_choice(tiny_model, tmp_pa
         quality.main([*argv, "--learning-rates", "1e-3"])
 
 
+def test_ladder_steps_follow_the_one_three_ladder():
+    assert [quality.ladder_step(lr, up=True) for lr in (1e-4, 3e-4, 1e-2, 3e-2, 0.5)] == [3e-4, 1e-3, 3e-2, 0.1, 1.5]
+    assert [quality.ladder_step(lr, up=False) for lr in (1e-4, 3e-4, 1e-2, 0.3)] == [3e-5, 1e-4, 3e-3, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("losses", "steps", "grid"),
+    [
+        ({}, 2, [1e-3, 3e-3]),  # nothing trained yet: the base grid
+        ({1e-3: 2.0, 3e-3: 1.0}, 2, [1e-3, 3e-3, 1e-2]),  # the top edge wins: one step up
+        ({1e-3: 2.0, 3e-3: 1.0, 1e-2: 0.5}, 2, [1e-3, 3e-3, 1e-2, 3e-2]),
+        ({1e-3: 2.0, 3e-3: 1.0, 1e-2: 0.5, 3e-2: 0.4}, 2, [1e-3, 3e-3, 1e-2, 3e-2]),  # at most 2 steps a side
+        ({1e-3: 2.0, 3e-3: 1.0, 1e-2: 1.5}, 2, [1e-3, 3e-3, 1e-2]),  # interior best: final
+        ({1e-3: 2.0, 3e-3: 1.0, 1e-2: None}, 2, [1e-3, 3e-3, 1e-2]),  # diverged above the best: final
+        ({1e-3: 1.0, 3e-3: 2.0}, 2, [3e-4, 1e-3, 3e-3]),  # the bottom edge wins: one step down
+        ({1e-3: 1.0, 3e-3: 2.0}, 0, [1e-3, 3e-3]),  # no steps allowed
+        ({1e-3: None, 3e-3: None}, 2, [1e-3, 3e-3]),  # all diverged: nothing to extend towards
+    ],
+)
+def test_the_grid_grows_past_a_winning_edge_only(losses, steps, grid):
+    assert quality.search_grid([3e-3, 1e-3], losses, steps) == grid
+
+
+def test_a_winning_edge_grows_the_grid_and_an_older_file_resumes(tiny_model, tmp_path):
+    output, work = tmp_path / "quality.json", tmp_path / "work"
+    argv = ["--quick", "--model", str(tiny_model), "--output", str(output), "--work-dir", str(work)]
+    argv += ["--methods", "s2ft", "--seeds", "0", "--threads", "1", "--learning-rates", "1e-3,3e-3"]
+    assert quality.main(argv) == 0
+    before = _records(output)
+    # A file made before the edge search existed (no grid_edge_steps setting) resumes with it.
+    stored = json.loads(output.read_text())
+    del stored["settings"]["grid_edge_steps"]
+    output.write_text(json.dumps(stored))
+    assert quality.main([*argv, "--grid-edge-steps", "1"]) == 0
+    after = _records(output)
+    losses = {lr: after[f"train/s2ft/lr{lr:g}/seed0"]["val_loss"] for lr in (1e-3, 3e-3, 1e-2)}
+    # The tiny model's validation loss falls with the rate here, so the top edge wins and the grid grows once.
+    assert losses[3e-3] < losses[1e-3] and before["choice/s2ft"]["learning_rate"] == 3e-3
+    assert after["choice/s2ft"]["grid"] == [1e-3, 3e-3, 1e-2]
+    assert after["choice/s2ft"]["learning_rate"] == min(losses, key=losses.__getitem__)
+    assert all(after[k] == before[k] for k in before if not k.startswith("choice/"))
+
+
 def test_other_settings_are_not_resumed(tiny_model, tmp_path):
     output = tmp_path / "quality.json"
     output.write_text(json.dumps({"format": 1, "settings": {"max_steps": 999}, "records": []}))
