@@ -717,9 +717,11 @@ def summarize(path: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"settings": settings, "base": by_id.get("eval/base"), "methods": {}}
     for method in methods:
         choice = by_id.get(f"choice/{method}")
-        lr = choice["learning_rate"] if choice else None
+        if choice is None:  # its grid is not done yet
+            continue
+        lr = choice["learning_rate"]
         evals = [by_id.get(eval_id(method, lr, s)) for s in seeds]
-        if lr is None or any(e is None for e in evals):
+        if any(e is None for e in evals):
             continue
         trains = [by_id[f"train/{method}/lr{lr:g}/seed{s}"] for s in seeds]
         row: dict[str, Any] = {"learning_rate": lr, "val_losses": choice["val_losses"], "grid": choice["grid"]}

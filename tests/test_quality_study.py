@@ -140,6 +140,19 @@ def test_a_winning_edge_grows_the_grid_and_an_older_file_resumes(tiny_model, tmp
     assert all(after[k] == before[k] for k in before if not k.startswith("choice/"))
 
 
+def test_the_report_of_an_unfinished_study_shows_the_finished_methods(tiny_model, tmp_path, capsys):
+    output, work = tmp_path / "quality.json", tmp_path / "work"
+    argv = ["--quick", "--model", str(tiny_model), "--output", str(output), "--work-dir", str(work)]
+    assert quality.main([*argv, "--methods", "s2ft,lora", "--seeds", "0", "--threads", "1"]) == 0
+    stored = json.loads(output.read_text())  # as if the study had stopped inside LoRA's grid
+    stored["records"] = [r for r in stored["records"] if not r["id"].startswith(("choice/lora", "eval/lora"))]
+    output.write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert quality.main(["--report", "--output", str(output)]) == 0
+    table = capsys.readouterr().out
+    assert "1 methods complete of 2" in table and "| s2ft | " in table and "| lora | " not in table
+
+
 def test_other_settings_are_not_resumed(tiny_model, tmp_path):
     output = tmp_path / "quality.json"
     output.write_text(json.dumps({"format": 1, "settings": {"max_steps": 999}, "records": []}))
