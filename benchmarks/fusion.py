@@ -874,12 +874,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--probe-test-samples", type=int, default=100, help="test problems per probed task")
     add_setting_options(parser, FULL, QUICK)
     args = parser.parse_args(argv)
-    fill_settings(args, FULL, QUICK)
-    tag = "fusion-quick" if args.quick else "fusion"
-    default_output = "docs/results/fusion-probe.json" if args.probe else "docs/results/fusion.json"
-    args.output = args.output or str(REPO / ("outputs/fusion-quick.json" if args.quick else default_output))
-    args.work_dir = args.work_dir or str(REPO / "outputs" / tag)
-    settings = {key: getattr(args, key) for key in RESULT_KEYS} | {"model": args.model or "smollm2-135m"}
+    records = "docs/results/fusion-probe.json" if args.probe else "docs/results/fusion.json"
+    settings = fill_settings(args, FULL, QUICK, "fusion", records, RESULT_KEYS)
     return args, settings
 
 

@@ -527,47 +527,41 @@ class Study:
         return model
 
     def grid(self, method: str) -> tuple[list[float], dict[float, float | None]]:
-        """The method's search grid so far and the validation losses of its finished seed-0 runs."""
-        losses: dict[float, float | None] = {}
-        rates = sorted(self.rates)
-        while True:
-            for lr in rates:
-                run = self.records.by_id.get(f"train/{method}/lr{lr:g}/seed{self.seeds[0]}")
-                if run is not None:
-                    losses[lr] = run["val_loss"]
-            grown = search_grid(self.rates, losses, self.settings["grid_edge_steps"])
-            if grown == rates:
-                return rates, losses
-            rates = grown
+        """The method's search grid so far and the validation losses of its finished seed-0 runs on it."""
+        recorded = {
+            r["learning_rate"]: r["val_loss"]
+            for r in self.records.by_id.values()
+            if r["kind"] == "train" and r["method"] == method and r["seed"] == self.seeds[0]
+        }
+        rates = search_grid(self.rates, recorded, self.settings["grid_edge_steps"])
+        return rates, {lr: recorded[lr] for lr in rates if lr in recorded}
+
+    def _choice(self, method: str) -> tuple[float | None, list[float], dict[float, float]]:
+        """(best rate or None until the grid is final, the grid, its finite validation losses)."""
+        rates, losses = self.grid(method)
+        finite = {lr: loss for lr, loss in losses.items() if loss is not None}
+        if len(losses) < len(rates):
+            return None, rates, finite
+        if not finite:
+            raise SystemExit(f"{method}: every learning rate of the grid diverged; widen --learning-rates.")
+        return min(finite, key=finite.__getitem__), rates, finite
 
     def chosen_rate_or_none(self, method: str) -> float | None:
         """The grid's rate with the lowest validation loss on the first seed (None until the grid is final)."""
-        rates, losses = self.grid(method)
-        finite = {lr: losses[lr] for lr in rates if lr in losses and losses[lr] is not None}
-        if any(lr not in losses for lr in rates):
-            return None
-        if not finite:
-            raise SystemExit(f"{method}: every learning rate of the grid diverged; widen --learning-rates.")
-        return min(finite, key=finite.__getitem__)
+        return self._choice(method)[0]
 
     def chosen_rate(self, method: str) -> float | None:
         """chosen_rate_or_none, recorded (with the grid it was chosen from) once the grid is final."""
-        best = self.chosen_rate_or_none(method)
+        best, rates, finite = self._choice(method)
         if best is None:
             return None
-        rates, losses = self.grid(method)
-        record = dict(
-            id=f"choice/{method}",
-            kind="choice",
-            method=method,
-            learning_rate=best,
-            val_losses={lr: losses[lr] for lr in rates if losses[lr] is not None},
-            grid=rates,
-        )
-        stored = self.records.by_id.get(record["id"])
+        stored = self.records.by_id.get(f"choice/{method}")
         if stored is None or (stored["learning_rate"], stored["grid"]) != (best, rates):
+            record = dict(
+                id=f"choice/{method}", kind="choice", method=method, learning_rate=best, val_losses=finite, grid=rates
+            )
             self.records.add(record)
-            print(f"{method}: learning rate {best:g} (validation losses {record['val_losses']})")
+            print(f"{method}: learning rate {best:g} (validation losses {finite})")
         return best
 
     # -------------------------------------------------------------------------------------- evaluation
@@ -826,13 +820,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--eval-batch-size", type=int, default=50, help="greedy decoding batch (no effect on results)")
     add_setting_options(parser, FULL, QUICK)
     args = parser.parse_args(argv)
-    fill_settings(args, FULL, QUICK)
-    tag = "quality-quick" if args.quick else "quality"
-    args.output = args.output or str(
-        REPO / ("outputs/quality-quick.json" if args.quick else "docs/results/quality.json")
-    )
-    args.work_dir = args.work_dir or str(REPO / "outputs" / tag)
-    settings = {key: getattr(args, key) for key in RESULT_KEYS} | {"model": args.model or "smollm2-135m"}
+    settings = fill_settings(args, FULL, QUICK, "quality", "docs/results/quality.json", RESULT_KEYS)
     return args, settings
 
 

@@ -110,9 +110,17 @@ def add_setting_options(parser: Any, full: dict[str, Any], quick: dict[str, Any]
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"default {value} (--quick: {quick[key]})")
 
 
-def fill_settings(args: Any, full: dict[str, Any], quick: dict[str, Any]) -> None:
-    """Give every setting left unset on the command line its default (the --quick one with --quick)."""
+def fill_settings(
+    args: Any, full: dict[str, Any], quick: dict[str, Any], study: str, records: str, result_keys: tuple[str, ...]
+) -> dict[str, Any]:
+    """Give every setting left unset on the command line its default (the --quick one with --quick), and
+    --output / --work-dir theirs (`records` in the repository; --quick writes under outputs/). Returns the
+    settings that decide the results, the model's included: what a records file must match to be resumed."""
     defaults = quick if args.quick else full
     for key in full:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    tag = f"{study}-quick" if args.quick else study
+    args.output = args.output or str(REPO / (f"outputs/{tag}.json" if args.quick else records))
+    args.work_dir = args.work_dir or str(REPO / "outputs" / tag)
+    return {key: getattr(args, key) for key in result_keys} | {"model": args.model or "smollm2-135m"}
